@@ -1,0 +1,278 @@
+"""Walk a LayerGraph with the transfer rules, like torch.fx's ShapeProp, and summarize.
+
+The summary follows THEORY.md: FM1 is judged on the mean length at the *taps* (the
+post-activation points and residual joins of the main path, the M_j of Hanin & Rolnick)
+relative to the segment's reference (the input, or the first tap after a normalization,
+which resets the length); FM2 on the log-variance of the length at the last tap.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from initaudit.graph import Kind, Layer, LayerGraph, ResidualBlock
+from initaudit.theory.state import SignalState
+from initaudit.theory.transfer import RULES
+
+
+@dataclass(frozen=True)
+class LayerPrediction:
+    """Predicted length statistics after one layer, relative to the segment reference."""
+
+    name: str
+    kind: str
+    width: int
+    mean: float  # E[M_j] / M_ref
+    spread: float  # E[M_j^2] / E[M_j]^2 - 1
+    log_mean: float  # E ln(M_j / M_ref)
+    log_var: float  # Var ln(M_j / M_ref)
+    median: float  # median of M_j / M_ref
+    entry_mean: float  # per-unit mean of the activations (in units of sqrt(M_ref))
+    tap: bool
+    segment: int
+
+
+@dataclass(frozen=True)
+class BlockPrediction:
+    """One residual block: branch scale eta and the gain of its unscaled branch."""
+
+    add: str
+    fork: str
+    branch_length: int
+    eta: float
+    gate: float
+    folded: float
+    gain: float  # g = E||F||^2 / E||x||^2 before the gate
+    factor: float  # E[M_out] / E[M_skip]: 1 + g eta^2 for a linear-terminated branch
+    terminal: str
+    normalized: bool
+    last_weight: str | None
+
+
+@dataclass
+class Summary:
+    """The numbers behind the FM1 and FM2 verdicts."""
+
+    depth: int  # taps in the last segment: L
+    mean_ratio: float  # E[M_L] / M_0
+    worst_ratio: float  # the tap ratio farthest from 1 (in log) anywhere in the network
+    worst_layer: str
+    beta: float  # sum 1/n_j over hidden widths of the last segment's main path
+    second_ratio: float  # E[M_L^2] / E[M_L]^2
+    median: float  # median of M_L / M_0
+    log_mean: float
+    log_var: float  # Var ln(M_L / M_0); ~ 5 beta for a plain ReLU net
+    var_hat: float  # E[Var^[M]] over the taps of the last segment, in units of M_0^2
+    sum_eta2: float
+    residual: bool
+    additive: bool  # growth comes from normalized branches: linear in depth, not exponential
+    normalized: bool  # a normalization resets the length on the main path
+    unmodeled: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Prediction:
+    layers: list[LayerPrediction]
+    blocks: list[BlockPrediction]
+    summary: Summary
+    states: dict[str, SignalState]
+
+
+class Propagator:
+    """Runs every layer's transfer rule in topological order (one handler per kind)."""
+
+    def __init__(self, graph: LayerGraph) -> None:
+        self.graph = graph
+        self.blocks = {block.add: block for block in graph.residual_blocks()}
+        self.env: dict[str, SignalState] = {}
+        self._slopes: dict[str, tuple[float, float]] = {}
+
+    def run(self) -> dict[str, SignalState]:
+        for layer in self.graph:
+            self.env[layer.name] = self.run_layer(layer, self.env)
+        return self.env
+
+    def run_layer(self, layer: Layer, env: dict[str, SignalState]) -> SignalState:
+        inputs = [env[name] for name in layer.inputs if name in env]
+        if layer.kind is Kind.INPUT or not inputs:
+            return SignalState.input(layer.width or 1)
+        return RULES[layer.kind](layer, inputs, self)
+
+    # Context protocol for the rules.
+    def residual_block(self, add: str) -> ResidualBlock | None:
+        return self.blocks.get(add)
+
+    def branch_slope(self, block: ResidualBlock) -> tuple[float, float]:
+        """E[M_f | M_fork = s] ~ a s + b, from the branch run at the fork's state and at twice it."""
+        if block.add not in self._slopes:
+            branch_out = next(name for name in self.graph[block.add].inputs if name != block.skip)
+            base = self.env[branch_out].m2
+            env = dict(self.env)
+            fork = env[block.fork]
+            env[block.fork] = fork.scaled(math.sqrt(2.0))
+            for name in block.branch:
+                env[name] = self.run_layer(self.graph[name], env)
+            doubled = env[branch_out].m2
+            q = fork.m2
+            slope = (doubled - base) / q if q > 0 else 0.0
+            self._slopes[block.add] = (slope, 2 * base - doubled)
+        return self._slopes[block.add]
+
+
+def predict(graph: LayerGraph) -> Prediction:
+    """Propagate the signal through ``graph`` and summarize it (see module docstring)."""
+    propagator = Propagator(graph)
+    states = propagator.run()
+    in_branch = {name for block in propagator.blocks.values() for name in block.branch}
+    taps, segments, references = _taps(graph, states, in_branch)
+    layers = [_layer_prediction(layer, states[layer.name], taps, segments, references) for layer in graph]
+    blocks = [_block_prediction(block, states, propagator) for block in propagator.blocks.values()]
+    summary = _summary(graph, states, layers, blocks, taps, in_branch)
+    return Prediction(layers=layers, blocks=blocks, summary=summary, states=states)
+
+
+def _taps(
+    graph: LayerGraph, states: dict[str, SignalState], in_branch: set[str]
+) -> tuple[set[str], dict[str, int], dict[int, float]]:
+    """Main-path taps, each layer's segment, and each segment's reference length."""
+    taps: set[str] = set()
+    segments: dict[str, int] = {}
+    references: dict[int, float] = {0: 1.0}
+    segment, waiting = 0, False
+    for layer in graph:
+        main = layer.name not in in_branch
+        if main and layer.kind is Kind.NORM:
+            segment, waiting = segment + 1, True
+        segments[layer.name] = segment
+        is_tap = main and (
+            layer.kind is Kind.ACTIVATION or (layer.kind is Kind.ADD and layer.name not in in_branch)
+        )
+        if is_tap:
+            taps.add(layer.name)
+            if waiting:
+                references[segment] = states[layer.name].m2 or 1.0
+                waiting = False
+        if main and layer.kind is Kind.NORM and layer.name == graph.layers[-1].name:
+            references[segment] = states[layer.name].m2 or 1.0
+    for seg in range(segment + 1):
+        references.setdefault(seg, 1.0)
+    if not taps:  # a purely linear model: judge the output
+        taps = set(graph.outputs) & set(states)
+    return taps, segments, references
+
+
+def _layer_prediction(
+    layer: Layer,
+    state: SignalState,
+    taps: set[str],
+    segments: dict[str, int],
+    references: dict[int, float],
+) -> LayerPrediction:
+    ref = references[segments[layer.name]]
+    k1, k2, _ = state.log_length
+    return LayerPrediction(
+        name=layer.name,
+        kind=layer.kind.value,
+        width=state.width,
+        mean=state.m2 / ref,
+        spread=state.spread,
+        log_mean=k1 - math.log(ref),
+        log_var=k2,
+        median=state.median / ref,
+        entry_mean=state.mu / math.sqrt(ref),
+        tap=layer.name in taps,
+        segment=segments[layer.name],
+    )
+
+
+def _block_prediction(
+    block: ResidualBlock, states: dict[str, SignalState], propagator: Propagator
+) -> BlockPrediction:
+    add = propagator.graph[block.add]
+    branch_out = next(name for name in add.inputs if name != block.skip)
+    skip = states[block.skip].m2
+    fork = states[block.fork].m2
+    out = states[block.add].m2
+    gain = states[branch_out].m2 / (block.gate**2 * fork) if fork > 0 and block.gate else 0.0
+    return BlockPrediction(
+        add=block.add,
+        fork=block.fork,
+        branch_length=len(block.branch),
+        eta=block.eta,
+        gate=block.gate,
+        folded=block.folded,
+        gain=gain,
+        factor=out / skip if skip > 0 else math.inf,
+        terminal=block.terminal,
+        normalized=block.normalized,
+        last_weight=block.last_weight,
+    )
+
+
+def _summary(
+    graph: LayerGraph,
+    states: dict[str, SignalState],
+    layers: list[LayerPrediction],
+    blocks: list[BlockPrediction],
+    taps: set[str],
+    in_branch: set[str],
+) -> Summary:
+    tap_rows = [row for row in layers if row.name in taps]
+    last = tap_rows[-1]
+    segment_rows = [row for row in tap_rows if row.segment == last.segment]
+    worst = max(tap_rows, key=lambda row: abs(math.log(row.mean)) if row.mean > 0 else math.inf)
+    beta = _beta(graph, in_branch, last.segment, layers)
+    return Summary(
+        depth=len(segment_rows),
+        mean_ratio=last.mean,
+        worst_ratio=worst.mean,
+        worst_layer=worst.name,
+        beta=beta,
+        second_ratio=1 + last.spread,
+        median=last.median,
+        log_mean=last.log_mean,
+        log_var=last.log_var,
+        var_hat=expected_var_hat(
+            [row.mean for row in segment_rows], [row.mean**2 * (1 + row.spread) for row in segment_rows]
+        ),
+        sum_eta2=sum(b.eta**2 for b in blocks),
+        residual=bool(blocks),
+        additive=bool(blocks) and all(b.normalized for b in blocks),
+        normalized=any(layer.kind is Kind.NORM and layer.name not in in_branch for layer in graph),
+        unmodeled=[layer.name for layer in graph if layer.kind is Kind.UNMODELED],
+    )
+
+
+def _beta(graph: LayerGraph, in_branch: set[str], segment: int, layers: list[LayerPrediction]) -> float:
+    """sum 1/n_j over main-path linear layers that feed an activation, in the last segment."""
+    seg = {row.name: row.segment for row in layers}
+    return sum(
+        1.0 / layer.width
+        for layer in graph
+        if layer.is_linear
+        and layer.width
+        and layer.name not in in_branch
+        and seg[layer.name] == segment
+        and graph.following_activation(layer.name) not in (None, "identity")
+    )
+
+
+def expected_var_hat(means: list[float], seconds: list[float]) -> float:
+    """E[Var^[M]] = (1/L) sum E[M_j^2] - (1/L^2) sum_{j,k} E[M_j M_k] over the taps.
+
+    For j < k, E[M_j M_k] = E[M_j^2] E[M_k]/E[M_j]: the later length is the earlier one
+    times independent factors (exact for a bias-free chain; THEORY's (2j - L - 1) form
+    for He).
+    """
+    count = len(means)
+    if count == 0:
+        return 0.0
+    total = sum(seconds) / count
+    pairs = sum(seconds)
+    for j in range(count):
+        if means[j] <= 0:
+            continue
+        for k in range(j + 1, count):
+            pairs += 2 * seconds[j] * means[k] / means[j]
+    return total - pairs / count**2

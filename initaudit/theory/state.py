@@ -1,0 +1,91 @@
+"""The random state of one tensor at init, as the transfer rules see it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from initaudit.theory.special import Cumulants, log_chi2_mean, median_from_cumulants
+
+
+@dataclass(frozen=True)
+class Law:
+    """Marginal law of an entry: phi(z) with z ~ N(mean, variance). Pooling needs it."""
+
+    activation: str = "identity"
+    alpha: float | None = None
+    mean: float = 0.0
+    variance: float = 1.0
+
+
+@dataclass(frozen=True)
+class SignalState:
+    """Moments of a tensor's entries over the random weights, normalized so M_0 = 1.
+
+    Entries are treated as exchangeable: ``m2 = E[x_k^2]`` (so E[M] = m2 where
+    M = ||x||^2 / n), ``m4 = E[x_k^4]``, ``c22 = E[x_k^2 x_l^2]`` for k != l, and ``mu`` the
+    per-entry mean. Then E[M^2] = m4/n + (1 - 1/n) c22 exactly.
+
+    ``log`` holds the cumulants of ln S, where S is the length's *scale*: when ``fresh``
+    (the output of a random linear layer, entries i.i.d. N(0, S) given S) the measured
+    length is S * chi^2_n/n, and the next activation replaces that chi^2 noise with its
+    own; otherwise S is the length itself.
+    """
+
+    width: int
+    mu: float
+    m2: float
+    m4: float
+    c22: float
+    log: Cumulants = (0.0, 0.0, 0.0)
+    fresh: bool = False
+    law: Law = Law()
+
+    @classmethod
+    def input(cls, width: int) -> SignalState:
+        """A fixed input with M_0 = 1 and Gaussian-like entries: E[M_0^2] = 1 exactly."""
+        n = max(width, 1)
+        c22 = (n - 3) / (n - 1) if n > 1 else 1.0
+        return cls(width=n, mu=0.0, m2=1.0, m4=3.0 if n > 1 else 1.0, c22=c22, law=Law())
+
+    @property
+    def mean_length(self) -> float:
+        return self.m2
+
+    @property
+    def second_length(self) -> float:
+        n = self.width
+        return self.m4 / n + (1 - 1 / n) * self.c22
+
+    @property
+    def spread(self) -> float:
+        """Relative variance of the length: E[M^2]/E[M]^2 - 1."""
+        if self.m2 <= 0:
+            return 0.0
+        return max(self.second_length / self.m2**2 - 1.0, 0.0)
+
+    @property
+    def log_length(self) -> Cumulants:
+        """Cumulants of ln M: the scale's, plus the chi^2 noise of a fresh linear output."""
+        if not self.fresh:
+            return self.log
+        noise = log_chi2_mean(self.width)
+        return tuple(a + b for a, b in zip(self.log, noise, strict=True))  # type: ignore[return-value]
+
+    @property
+    def median(self) -> float:
+        if self.m2 <= 0:
+            return 0.0
+        return median_from_cumulants(*self.log_length)
+
+    def scaled(self, factor: float) -> SignalState:
+        """The state of ``factor`` times this tensor (factor applies to entries)."""
+        f2 = factor * factor
+        k1, k2, k3 = self.log
+        log = (k1 + math.log(f2), k2, k3) if f2 > 0 else (-math.inf, 0.0, 0.0)
+        law = replace(self.law, mean=self.law.mean * factor, variance=self.law.variance * f2)
+        law = law if self.law.activation == "identity" else Law(mean=self.mu * factor, variance=self.m2 * f2)
+        return replace(
+            self, mu=self.mu * factor, m2=self.m2 * f2, m4=self.m4 * f2 * f2, c22=self.c22 * f2 * f2,
+            log=log, law=law,
+        )  # fmt: skip
