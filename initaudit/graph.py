@@ -125,6 +125,11 @@ class LayerGraph:
         self._by_name = {layer.name: layer for layer in self.layers}
         if len(self._by_name) != len(self.layers):
             raise ValueError("layer names must be unique")
+        self._consumers: dict[str, list[Layer]] = {}
+        for layer in self.layers:
+            for name in layer.inputs:
+                self._consumers.setdefault(name, []).append(layer)
+        self._blocks: list[ResidualBlock] | None = None
 
     def __iter__(self) -> Iterator[Layer]:
         return iter(self.layers)
@@ -139,7 +144,7 @@ class LayerGraph:
         return name in self._by_name
 
     def consumers(self, name: str) -> list[Layer]:
-        return [layer for layer in self.layers if name in layer.inputs]
+        return self._consumers.get(name, [])
 
     def linear_layers(self) -> list[Layer]:
         return [layer for layer in self.layers if layer.is_linear]
@@ -177,4 +182,6 @@ class LayerGraph:
     def residual_blocks(self) -> list[ResidualBlock]:
         from initaudit.residual import find_residual_blocks
 
-        return find_residual_blocks(self)
+        if self._blocks is None:
+            self._blocks = find_residual_blocks(self)
+        return self._blocks

@@ -16,7 +16,7 @@ Cumulants = tuple[float, float, float]  # mean, variance, third cumulant of a lo
 
 def digamma(x: float) -> float:
     shift = 0.0
-    while x < 8.0:
+    while x < 12.0:
         shift -= 1.0 / x
         x += 1.0
     f = 1.0 / (x * x)
@@ -26,7 +26,7 @@ def digamma(x: float) -> float:
 
 def trigamma(x: float) -> float:
     shift = 0.0
-    while x < 8.0:
+    while x < 12.0:
         shift += 1.0 / (x * x)
         x += 1.0
     f = 1.0 / (x * x)
@@ -36,11 +36,11 @@ def trigamma(x: float) -> float:
 
 def tetragamma(x: float) -> float:
     shift = 0.0
-    while x < 8.0:
+    while x < 12.0:
         shift -= 2.0 / (x * x * x)
         x += 1.0
     f = 1.0 / (x * x)
-    series = -f - f / x - f * f / 2 + f * f * f / 6 - f**4 * 3 / 10 + f**5 * 5 / 6
+    series = -f - f / x - f * f / 2 + f**3 / 6 - f**4 / 6 + f**5 * 3 / 10 - f**6 * 5 / 6
     return shift + series
 
 

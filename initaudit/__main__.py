@@ -1,0 +1,5 @@
+import sys
+
+from initaudit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,88 @@
+"""The pipeline: file -> layer graph -> predictions -> findings. No rendering here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from initaudit.graph import LayerGraph
+from initaudit.rules import RULES, Finding, Severity, Thresholds, evaluate
+from initaudit.stats import match_scheme
+from initaudit.theory.propagate import Prediction, predict
+
+#: The rules whose findings make up each verdict.
+VERDICT_RULES = {"fm1": ("IA101", "IA102", "IA301"), "fm2": ("IA201",)}
+
+
+@dataclass
+class Selection:
+    """Which rule codes to report, ruff-style: codes or prefixes (``IA1``, ``IA201``)."""
+
+    select: list[str] = field(default_factory=list)
+    ignore: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for code in [*self.select, *self.ignore]:
+            if not any(known.startswith(code.upper()) for known in RULES):
+                raise ValueError(f"unknown rule code or prefix {code!r} (see `initaudit rules`)")
+
+    def allows(self, code: str) -> bool:
+        def matches(prefixes: list[str]) -> int:
+            return max((len(p) for p in prefixes if code.startswith(p.upper())), default=-1)
+
+        chosen = matches(self.select) if self.select else 0
+        return chosen >= 0 and chosen >= matches(self.ignore)
+
+
+@dataclass
+class AuditResult:
+    path: str
+    graph: LayerGraph
+    prediction: Prediction
+    findings: list[Finding]
+
+    def verdict(self, family: str) -> str:
+        worst = max(
+            (f.severity for f in self.findings if f.code in VERDICT_RULES[family]),
+            default=None,
+        )
+        return "pass" if worst is None or worst is Severity.INFO else str(worst)
+
+    def counts(self) -> dict[str, int]:
+        return {str(s): sum(f.severity is s for f in self.findings) for s in reversed(Severity)}
+
+    def fails(self, fail_on: Severity) -> bool:
+        return any(f.severity >= fail_on for f in self.findings)
+
+    def schemes(self) -> dict[str, str]:
+        """The init scheme each weight matches, by tensor name."""
+        return {
+            layer.weight.name: match_scheme(layer.weight, layer.fan_in, layer.fan_out)
+            for layer in self.graph.linear_layers()
+            if layer.weight is not None
+        }
+
+
+def audit_graph(
+    graph: LayerGraph,
+    path: str = "",
+    thresholds: Thresholds | None = None,
+    selection: Selection | None = None,
+) -> AuditResult:
+    prediction = predict(graph)
+    findings = evaluate(graph, prediction, thresholds)
+    if selection is not None:
+        findings = [f for f in findings if selection.allows(f.code)]
+    return AuditResult(path=path or graph.source, graph=graph, prediction=prediction, findings=findings)
+
+
+def audit_file(
+    path: str | Path,
+    input_shape: tuple[int, ...] | None = None,
+    thresholds: Thresholds | None = None,
+    selection: Selection | None = None,
+) -> AuditResult:
+    from initaudit.frontends import load_graph
+
+    graph = load_graph(path, input_shape=input_shape)
+    return audit_graph(graph, str(path), thresholds, selection)

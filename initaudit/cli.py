@@ -1,0 +1,231 @@
+"""The command line: parses options, calls the library, picks a renderer. Nothing else.
+
+Exit codes (ruff/mypy convention): 0 nothing at or above --fail-on, 1 findings at or above
+it, 2 usage, load or internal error.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import traceback
+from collections.abc import Callable
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import click
+import typer
+from rich.console import Console
+
+from initaudit import __version__
+from initaudit.errors import InitauditError, UsageError
+
+EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
+
+app = typer.Typer(
+    name="initaudit",
+    help="Will this network start training? Checks signal propagation at initialization (FM1/FM2).",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+class Format(StrEnum):
+    text = "text"
+    json = "json"
+
+
+class FailOn(StrEnum):
+    info = "info"
+    warning = "warning"
+    error = "error"
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _stderr() -> Console:
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def guarded(func: F) -> F:
+    """Turn library errors into one line on stderr and exit 2; tracebacks only with --debug."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = bool(kwargs.get("debug"))
+        try:
+            return func(*args, **kwargs)
+        except (typer.Exit, click.exceptions.Exit, click.ClickException):
+            raise
+        except (InitauditError, ValueError) as error:
+            if debug:
+                traceback.print_exc()
+            _stderr().print(f"initaudit: error: {error}", markup=False)
+            raise typer.Exit(EXIT_ERROR) from None
+        except Exception as error:
+            if debug:
+                traceback.print_exc()
+            _stderr().print(
+                f"initaudit: internal error: {type(error).__name__}: {error} (--debug shows the traceback)",
+                markup=False,
+            )
+            raise typer.Exit(EXIT_ERROR) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"initaudit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """Will this network start training?"""
+
+
+def parse_shape(text: str | None) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        dims = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
+    except ValueError:
+        raise UsageError(f"--input-shape {text!r}: expected integers like 1,3,224,224") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise UsageError(f"--input-shape {text!r}: dimensions must be positive")
+    return dims
+
+
+def _codes(values: list[str] | None) -> list[str]:
+    return [code.strip().upper() for value in values or [] for code in value.split(",") if code.strip()]
+
+
+@app.command()
+@guarded
+def check(
+    paths: Annotated[list[Path], typer.Argument(help="Model files (.onnx).", show_default=False)],
+    output_format: Annotated[Format, typer.Option("--format", "-f", help="Output format.")] = Format.text,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the report here.")] = None,
+    fail_on: Annotated[
+        FailOn, typer.Option(help="Exit 1 when a finding is at or above this.")
+    ] = FailOn.error,
+    select: Annotated[list[str] | None, typer.Option(help="Only these rule codes or prefixes.")] = None,
+    ignore: Annotated[list[str] | None, typer.Option(help="Skip these rule codes or prefixes.")] = None,
+    input_shape: Annotated[str | None, typer.Option(help="Input shape, e.g. 1,3,224,224.")] = None,
+    exit_zero: Annotated[bool, typer.Option("--exit-zero", help="Exit 0 even with findings.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only findings, one per line.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show every layer and block.")] = False,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks for errors.")] = False,
+) -> None:
+    """Audit model files: per-layer lengths, FM1/FM2 verdicts and fixes."""
+    from initaudit.audit import Selection, audit_file
+    from initaudit.rules import Severity
+
+    selection = Selection(_codes(select), _codes(ignore))
+    shape = parse_shape(input_shape)
+    results = [audit_file(path, input_shape=shape, selection=selection) for path in paths]
+    threshold = Severity.parse(fail_on.value)
+
+    if output_format is Format.json:
+        from initaudit.report.json_report import render_json
+
+        _emit(render_json(results, fail_on.value), output)
+    else:
+        from initaudit.report.console import render_console
+
+        if output is not None:
+            with output.open("w", encoding="utf-8") as handle:
+                console = Console(file=handle, width=120, no_color=True, highlight=False)
+                for result in results:
+                    render_console(result, console, verbose, quiet)
+        else:
+            console = Console(highlight=False)
+            for result in results:
+                render_console(result, console, verbose, quiet)
+    failed = any(result.fails(threshold) for result in results)
+    raise typer.Exit(EXIT_FINDINGS if failed and not exit_zero else EXIT_OK)
+
+
+def _emit(text: str, output: Path | None) -> None:
+    """Machine formats are plain text: never through rich, which wraps and eats brackets."""
+    if output is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        output.write_text(text, encoding="utf-8")
+
+
+@app.command()
+@guarded
+def rules(
+    output_format: Annotated[Format, typer.Option("--format", "-f", help="Output format.")] = Format.text,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks for errors.")] = False,
+) -> None:
+    """List every rule: code, name, worst severity, summary."""
+    from initaudit.rules import RULES
+
+    if output_format is Format.json:
+        import json
+
+        rows = [
+            {"code": r.code, "name": r.name, "severity": str(r.severity), "summary": r.summary}
+            for r in RULES.values()
+        ]
+        _emit(json.dumps(rows, indent=2) + "\n", None)
+        return
+    from rich.table import Table
+
+    table = Table(header_style="bold")
+    for column in ("code", "name", "severity", "summary"):
+        table.add_column(column, overflow="fold")
+    for r in RULES.values():
+        table.add_row(r.code, r.name, str(r.severity), r.summary)
+    Console(highlight=False).print(table)
+
+
+@app.command()
+@guarded
+def explain(
+    code: Annotated[str, typer.Argument(help="A rule code, e.g. IA201.")],
+    debug: Annotated[bool, typer.Option(help="Show tracebacks for errors.")] = False,
+) -> None:
+    """Explain a rule: the theory behind it and how to fix what it reports."""
+    from initaudit.rules import RULES
+
+    rule = RULES.get(code.strip().upper())
+    if rule is None:
+        raise UsageError(f"unknown rule {code!r}; `initaudit rules` lists them")
+    typer.echo(f"{rule.code} {rule.name} ({rule.severity})\n\n{rule.summary}\n\n{rule.explanation}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point: every path out returns 0, 1 or 2."""
+    try:
+        code = app(args=argv, prog_name="initaudit", standalone_mode=False)
+    except click.exceptions.Exit as done:
+        return int(done.exit_code)
+    except click.exceptions.Abort:
+        _stderr().print("initaudit: aborted", markup=False)
+        return EXIT_ERROR
+    except click.ClickException as error:
+        error.show()
+        return EXIT_ERROR
+    except Exception as error:
+        if "--debug" in (argv if argv is not None else sys.argv):
+            traceback.print_exc()
+        _stderr().print(f"initaudit: internal error: {type(error).__name__}: {error}", markup=False)
+        return EXIT_ERROR
+    return code if isinstance(code, int) else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""The rich console report: layer table, residual blocks, verdicts, findings."""
+
+from __future__ import annotations
+
+import math
+
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from initaudit.audit import AuditResult
+from initaudit.graph import Kind
+from initaudit.report.json_report import layer_rows
+from initaudit.rules import Severity
+
+_STYLE = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "cyan"}
+_VERDICT = {"pass": "bold green", "warning": "bold yellow", "error": "bold red"}
+#: Above this many rows, tables show the first and last rows only (``-v`` shows all).
+MAX_ROWS = 40
+
+
+def fmt(x: float | None, digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    if not math.isfinite(x):
+        return str(x)
+    if x == 0:
+        return "0"
+    if 1e-3 <= abs(x) < 1e5:
+        return f"{x:.{digits}g}"
+    return f"{x:.{max(digits - 1, 1)}e}"
+
+
+def _elide(rows: list, verbose: bool) -> tuple[list, int]:
+    if verbose or len(rows) <= MAX_ROWS:
+        return rows, 0
+    half = MAX_ROWS // 2
+    return [*rows[:half], None, *rows[-half:]], len(rows) - 2 * half
+
+
+def layer_table(result: AuditResult, verbose: bool = False) -> Table:
+    table = Table(title="Layers", title_justify="left", expand=False, header_style="bold")
+    for column, justify in [
+        ("layer", "left"),
+        ("op", "left"),
+        ("fan-in", "right"),
+        ("width", "right"),
+        ("weight std", "right"),
+        ("std / right", "right"),
+        ("E[M]/M0", "right"),
+        ("rel. spread", "right"),
+    ]:
+        table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    shown = [
+        row
+        for row in layer_rows(result)
+        if verbose or row[0].is_linear or row[1].tap or row[0].kind in (Kind.NORM, Kind.UNMODELED, Kind.POOL)
+    ]
+    rows, hidden = _elide(shown, verbose)
+    for row in rows:
+        if row is None:
+            table.add_row(f"... {hidden} more (-v shows all)", *[""] * 7, style="dim")
+            continue
+        layer, pred, ratio = row
+        op = layer.activation or layer.op
+        ratio_text = Text(fmt(ratio))
+        if ratio is not None and (ratio > math.sqrt(2) or ratio < 1 / math.sqrt(2)):
+            ratio_text.stylize("yellow")
+        mean_text = Text(fmt(pred.mean))
+        if pred.tap and (pred.mean > 3 or pred.mean < 1 / 3):
+            mean_text.stylize("red")
+        table.add_row(
+            layer.name,
+            op,
+            fmt(layer.fan_in) if layer.fan_in else "",
+            str(pred.width),
+            fmt(layer.weight.std) if layer.weight is not None else "",
+            ratio_text,
+            mean_text,
+            fmt(math.sqrt(pred.spread)),
+        )
+    return table
+
+
+def block_table(result: AuditResult, verbose: bool = False) -> Table | None:
+    blocks = result.prediction.blocks
+    if not blocks:
+        return None
+    table = Table(title=f"Residual blocks ({len(blocks)})", title_justify="left", header_style="bold")
+    for column in ("join", "branch layers", "eta", "gate", "folded", "gain g", "E[M] factor", "ends in"):
+        table.add_column(column, justify="left" if column in ("join", "ends in") else "right")
+    rows, hidden = _elide(blocks, verbose)
+    for b in rows:
+        if b is None:
+            table.add_row(f"... {hidden} more", *[""] * 7, style="dim")
+            continue
+        ends = b.terminal + (" (normalized)" if b.normalized else "")
+        table.add_row(
+            b.add,
+            str(b.branch_length),
+            fmt(b.eta),
+            fmt(b.gate),
+            fmt(b.folded),
+            fmt(b.gain),
+            fmt(b.factor),
+            ends,
+        )
+    return table
+
+
+def summary_panel(result: AuditResult) -> Panel:
+    s = result.prediction.summary
+    fm1, fm2 = result.verdict("fm1"), result.verdict("fm2")
+    table = Table.grid(padding=(0, 2))
+    table.add_column(justify="left")
+    table.add_column(justify="left")
+    table.add_row(
+        Text("FM1 mean length", style="bold"),
+        Text.assemble((fm1.upper(), _VERDICT[fm1]), "  ", _fm1_numbers(result)),
+    )
+    table.add_row(
+        Text("FM2 length variance", style="bold"),
+        Text.assemble(
+            (fm2.upper(), _VERDICT[fm2]),
+            f"  beta = sum 1/n_j = {fmt(s.beta)}   Var ln(M_L/M0) = {fmt(s.log_var)}   "
+            f"E[M_L^2]/E[M_L]^2 = {fmt(s.second_ratio)}   median M_L/M0 = {fmt(s.median)}   "
+            f"E[Var^[M]] = {fmt(s.var_hat)}",
+        ),
+    )
+    if s.residual:
+        table.add_row(
+            Text("Residual", style="bold"),
+            f"{len(result.prediction.blocks)} blocks, sum eta^2 = {fmt(s.sum_eta2)}",
+        )
+    return Panel(table, title="Verdict", title_align="left", expand=False)
+
+
+def _fm1_numbers(result: AuditResult) -> str:
+    s = result.prediction.summary
+    text = f"E[M_L]/M0 = {fmt(s.mean_ratio)} over L = {s.depth}"
+    if (
+        s.worst_layer
+        and abs(math.log(max(s.worst_ratio, 1e-300))) > abs(math.log(max(s.mean_ratio, 1e-300))) + 1e-9
+    ):
+        text += f"   (worst {fmt(s.worst_ratio)} at {s.worst_layer})"
+    if s.normalized:
+        text += "   (since the last normalization)"
+    return text
+
+
+def findings_group(result: AuditResult) -> Group:
+    lines = []
+    for f in result.findings:
+        line = Text.assemble((f"{f.code} ", "bold"), (f"{f.severity}", _STYLE[f.severity]), "  ", f.message)
+        lines.append(line)
+        if f.fix:
+            lines.append(Text.assemble("       fix: ", (f.fix, "green")))
+    if not lines:
+        lines.append(Text("No findings.", style="green"))
+    return Group(*lines)
+
+
+def render_console(result: AuditResult, console: Console, verbose: bool = False, quiet: bool = False) -> None:
+    graph = result.graph
+    if not quiet:
+        meta = ", ".join(f"{k} {v}" for k, v in graph.meta.items() if k in ("opset", "producer") and v)
+        console.print(
+            Text.assemble(("initaudit ", "bold"), result.path, f"  ({graph.format}, {len(graph)} layers"),
+            Text(f", {meta})" if meta else ")"),
+            sep="",
+        )
+        console.print(layer_table(result, verbose))
+        blocks = block_table(result, verbose)
+        if blocks is not None:
+            console.print(blocks)
+        console.print(summary_panel(result))
+    findings = result.findings if not quiet else [f for f in result.findings if f.severity > Severity.INFO]
+    if quiet:
+        for f in findings:
+            line = Text.assemble(f"{result.path}: ", (f"{f.code} ", "bold"), f"{f.severity}: {f.message}")
+            console.print(line, soft_wrap=True)
+        return
+    console.print(Text("Findings", style="bold"))
+    console.print(findings_group(result))
+    counts = result.counts()
+    console.print(
+        Text.assemble(
+            (f"{counts['error']} errors", "red" if counts["error"] else ""),
+            ", ",
+            (f"{counts['warning']} warnings", "yellow" if counts["warning"] else ""),
+            f", {counts['info']} info",
+        )
+    )

@@ -1,0 +1,145 @@
+"""The JSON report: every number of the console report, as plain text (never via rich).
+
+The schema is versioned by ``SCHEMA``; docs/json-schema.md documents each field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from initaudit import __version__
+from initaudit.audit import AuditResult
+from initaudit.graph import Layer
+from initaudit.rules import RULES
+from initaudit.theory.propagate import LayerPrediction
+
+SCHEMA = "initaudit.report/1"
+
+
+def _number(x: float) -> float | str | None:
+    """JSON has no inf/nan: write them as strings so consumers see them, not a parse error."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    return x
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float):
+        return _number(value)
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _weight(layer: Layer, schemes: dict[str, str], right: float | None) -> dict[str, Any] | None:
+    w = layer.weight
+    if w is None:
+        return None
+    return {
+        "name": w.name,
+        "shape": list(w.shape),
+        "dtype": w.dtype,
+        "std": w.std,
+        "mean": w.mean,
+        "kurtosis": w.kurtosis,
+        "nonfinite": w.nonfinite,
+        "zeros": w.zeros,
+        "scheme": schemes.get(w.name, "unrecognized"),
+        "std_vs_right": right,
+    }
+
+
+def layer_rows(result: AuditResult) -> list[tuple[Layer, LayerPrediction, float | None]]:
+    """Each layer with its prediction and its weight std relative to the right init."""
+    from initaudit.rules import right_variance
+
+    rows = []
+    for layer, pred in zip(result.graph, result.prediction.layers, strict=True):
+        ratio = None
+        if layer.weight is not None and layer.fan_in:
+            right = right_variance(result.graph, layer)
+            if right is not None:
+                ratio = layer.weight.rms / math.sqrt(right / layer.fan_in)
+        rows.append((layer, pred, ratio))
+    return rows
+
+
+def report_dict(result: AuditResult, fail_on: str = "error") -> dict[str, Any]:
+    graph, s = result.graph, result.prediction.summary
+    schemes = result.schemes()
+    layers = [
+        {
+            "name": layer.name,
+            "kind": layer.kind.value,
+            "op": layer.op,
+            "inputs": layer.inputs,
+            "width": pred.width,
+            "fan_in": layer.fan_in,
+            "activation": layer.activation,
+            "weight": _weight(layer, schemes, ratio),
+            "bias_std": layer.bias.std if layer.bias is not None else None,
+            "mean": pred.mean,
+            "spread": pred.spread,
+            "log_mean": pred.log_mean,
+            "log_var": pred.log_var,
+            "median": pred.median,
+            "tap": pred.tap,
+            "segment": pred.segment,
+        }
+        for layer, pred, ratio in layer_rows(result)
+    ]
+    return _clean(
+        {
+            "path": result.path,
+            "format": graph.format,
+            "meta": {k: v for k, v in graph.meta.items() if isinstance(v, str | int | float | bool)},
+            "notes": graph.notes,
+            "verdicts": {"fm1": result.verdict("fm1"), "fm2": result.verdict("fm2")},
+            "summary": {
+                "depth": s.depth,
+                "mean_ratio": s.mean_ratio,
+                "worst_ratio": s.worst_ratio,
+                "worst_layer": s.worst_layer,
+                "beta": s.beta,
+                "second_ratio": s.second_ratio,
+                "median": s.median,
+                "log_mean": s.log_mean,
+                "log_var": s.log_var,
+                "var_hat": s.var_hat,
+                "sum_eta2": s.sum_eta2,
+                "residual": s.residual,
+                "normalized": s.normalized,
+                "unmodeled": s.unmodeled,
+            },
+            "layers": layers,
+            "residual_blocks": [vars(b) for b in result.prediction.blocks],
+            "findings": [
+                {
+                    "code": f.code,
+                    "name": RULES[f.code].name,
+                    "severity": str(f.severity),
+                    "message": f.message,
+                    "location": f.location,
+                    "fix": f.fix,
+                    "evidence": f.evidence,
+                    "fingerprint": f.fingerprint(result.path),
+                }
+                for f in result.findings
+            ],
+            "counts": result.counts(),
+            "fail_on": fail_on,
+        }
+    )
+
+
+def render_json(results: list[AuditResult], fail_on: str = "error") -> str:
+    document = {
+        "schema": SCHEMA,
+        "version": __version__,
+        "reports": [report_dict(r, fail_on) for r in results],
+    }
+    return json.dumps(document, indent=2, allow_nan=False) + "\n"

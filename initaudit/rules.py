@@ -1,0 +1,609 @@
+"""Rules: predictions -> findings, each with a code, a severity, numbers and a fix.
+
+Codes follow ruff's habit: a family prefix and a number. IA1xx mean length (FM1),
+IA2xx length variance (FM2), IA3xx residual branches, IA5xx weight hygiene, IA9xx
+load and modeling notes. Thresholds are the documented defaults of DESIGN.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+from initaudit.graph import Kind, Layer, LayerGraph
+from initaudit.theory.activations import get_activation
+from initaudit.theory.propagate import Prediction
+
+
+class Severity(IntEnum):
+    INFO = 0
+    WARNING = 1
+    ERROR = 2
+
+    def __str__(self) -> str:
+        return self.name.lower()
+
+    @classmethod
+    def parse(cls, text: str) -> Severity:
+        try:
+            return cls[text.upper()]
+        except KeyError:
+            raise ValueError(f"unknown severity {text!r}: use info, warning or error") from None
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Where a number becomes a warning or an error (DESIGN.md defaults)."""
+
+    fm1_error: float = 10.0  # E[M_L]/M_0 outside [1/10, 10]
+    fm1_warning: float = 3.0  # outside [1/3, 3]
+    beta_error: float = 1.0  # sum 1/n_j; Var ln M_L ~ 5 beta
+    beta_warning: float = 0.3
+    scale_factor: float = 2.0  # a weight's variance off its right value by more than this
+    bias_share: float = 0.5  # bias carries more than this share of a pre-activation
+
+
+@dataclass
+class Finding:
+    code: str
+    severity: Severity
+    message: str
+    location: str = ""  # tensor or node name
+    fix: str = ""
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rule(self) -> Rule:
+        return RULES[self.code]
+
+    def fingerprint(self, path: str) -> str:
+        """Stable across runs and edits elsewhere in the file: rule, path, location."""
+        return hashlib.sha256(f"{self.code}|{path}|{self.location}".encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Rule:
+    code: str
+    name: str
+    severity: Severity  # the worst severity it can report
+    summary: str
+    explanation: str
+    check: Callable[[LayerGraph, Prediction, Thresholds], Iterator[Finding]]
+
+
+RULES: dict[str, Rule] = {}
+
+
+def rule(code: str, name: str, severity: Severity, summary: str, explanation: str):
+    def register(check: Callable[[LayerGraph, Prediction, Thresholds], Iterator[Finding]]):
+        RULES[code] = Rule(code, name, severity, summary, explanation.strip(), check)
+        return check
+
+    return register
+
+
+def evaluate(
+    graph: LayerGraph, prediction: Prediction, thresholds: Thresholds | None = None
+) -> list[Finding]:
+    """Every finding for ``graph``, most severe first, in rule order within a severity."""
+    thresholds = thresholds or Thresholds()
+    findings = [f for r in RULES.values() for f in r.check(graph, prediction, thresholds)]
+    order = list(RULES)
+    return sorted(findings, key=lambda f: (-f.severity, order.index(f.code)))
+
+
+def has_nonfinite(graph: LayerGraph) -> bool:
+    return any(not t.finite for layer in graph for t in _tensors(layer))
+
+
+# Helpers ------------------------------------------------------------------------------
+
+
+def _tensors(layer: Layer) -> Iterator[Any]:
+    for tensor in (layer.weight, layer.bias, layer.attrs.get("gamma"), layer.attrs.get("beta")):
+        if tensor is not None:
+            yield tensor
+
+
+def _fmt(x: float) -> str:
+    if x == 0 or not math.isfinite(x):
+        return str(x)
+    return f"{x:.3g}" if 1e-3 <= abs(x) < 1e4 else f"{x:.2e}"
+
+
+def right_variance(graph: LayerGraph, layer: Layer) -> float | None:
+    """The weight variance times fan-in that keeps the length through this layer and
+    the activation it feeds: 1 / E[phi(z)^2] at unit variance (2 for ReLU); None when
+    the layer feeds no activation (a norm, a join or the output decide its scale)."""
+    name = graph.following_activation(layer.name)
+    if name is None:
+        return None
+    consumer = _activation_after(graph, layer.name)
+    attrs = consumer.attrs if consumer is not None else {}
+    return get_activation(name, attrs.get("alpha"), **attrs).right_gain()
+
+
+def _activation_after(graph: LayerGraph, name: str) -> Layer | None:
+    current = name
+    while True:
+        nexts = graph.consumers(current)
+        if len(nexts) != 1:
+            return None
+        if nexts[0].kind is Kind.ACTIVATION:
+            return nexts[0]
+        current = nexts[0].name
+
+
+def _branch_last_weights(graph: LayerGraph) -> set[str]:
+    return {b.last_weight for b in graph.residual_blocks() if b.last_weight}
+
+
+def _output_weights(graph: LayerGraph) -> set[str]:
+    """Weights of the last linear layer before each output (zero-init heads are deliberate)."""
+    names = set()
+    for out in graph.outputs:
+        stack = [out]
+        while stack:
+            layer = graph[stack.pop()] if stack[-1] in graph else None
+            if layer is None:
+                continue
+            if layer.is_linear:
+                if layer.weight is not None:
+                    names.add(layer.weight.name)
+                continue
+            stack.extend(layer.inputs)
+    return names
+
+
+def scale_factors(graph: LayerGraph, thresholds: Thresholds) -> list[tuple[Layer, float, float]]:
+    """(layer, variance ratio to the right init, std multiplier) for mis-scaled weights."""
+    skip = _branch_last_weights(graph)
+    rows = []
+    for layer in graph.linear_layers():
+        weight = layer.weight
+        if weight is None or not weight.finite or weight.all_zero or not layer.fan_in or weight.name in skip:
+            continue
+        right = right_variance(graph, layer)
+        if right is None:
+            continue
+        ratio = weight.second_moment * layer.fan_in / right
+        # 5% slack so that a scheme exactly 2x off (Xavier for ReLU) is flagged in every layer,
+        # not only in the layers whose sample variance happened to land beyond 2x.
+        limit = thresholds.scale_factor / 1.05
+        if ratio >= limit or ratio <= 1 / limit:
+            rows.append((layer, ratio, 1 / math.sqrt(ratio)))
+    return rows
+
+
+# FM1 ----------------------------------------------------------------------------------
+
+_FM1_EXPLANATION = """
+FM1 (Hanin & Rolnick 2018): at random init the mean of the normalized activation length
+M_j = ||act_j||^2 / n_j is multiplied by sigma_j^2 * E[phi(z)^2] / E[z^2] at every layer
+(sigma_j^2 = weight variance x fan-in). For ReLU, variance 2/fan-in ("He") keeps E[M_j]
+constant at any depth; Xavier halves it per layer and PyTorch's default nn.Linear init
+divides it by six. Over L layers the signal explodes or vanishes exponentially and so do
+the gradients. initaudit predicts E[M_j]/M_0 exactly (THEORY.md section 2) at every
+post-activation point and residual join, restarting after a normalization layer.
+Error outside [0.1, 10], warning outside [1/3, 3].
+Fix: rescale each weight to the variance its activation needs (the finding names the
+tensor and the factor); `initaudit check --fix` does it.
+"""
+
+
+@rule(
+    "IA101",
+    "mean-length-vanishing",
+    Severity.ERROR,
+    "The mean activation length vanishes with depth (FM1).",
+    _FM1_EXPLANATION,
+)
+def _vanishing(graph: LayerGraph, pred: Prediction, th: Thresholds) -> Iterator[Finding]:
+    yield from _fm1(graph, pred, th, vanishing=True)
+
+
+@rule(
+    "IA102",
+    "mean-length-exploding",
+    Severity.ERROR,
+    "The mean activation length explodes with depth (FM1).",
+    _FM1_EXPLANATION,
+)
+def _exploding(graph: LayerGraph, pred: Prediction, th: Thresholds) -> Iterator[Finding]:
+    yield from _fm1(graph, pred, th, vanishing=False)
+
+
+def _fm1(graph: LayerGraph, pred: Prediction, th: Thresholds, vanishing: bool) -> Iterator[Finding]:
+    s = pred.summary
+    ratio = s.worst_ratio
+    if has_nonfinite(graph) or ratio <= 0 or (ratio < 1) != vanishing:
+        return
+    if s.residual and not vanishing and any(b.factor > 1 + 1e-9 for b in pred.blocks):
+        return  # IA301 reports a residual stream that grows, with the right fix
+    far = max(ratio, 1 / ratio)
+    if far <= th.fm1_warning:
+        return
+    severity = Severity.ERROR if far > th.fm1_error else Severity.WARNING
+    mis = scale_factors(graph, th)
+    if mis:
+        worst = sorted(mis, key=lambda row: abs(math.log(row[1])), reverse=True)
+        parts = [f"multiply `{layer.weight.name}` by {_fmt(mult)}" for layer, _, mult in worst[:3]]  # type: ignore[union-attr]
+        more = f" (and {len(mis) - 3} more)" if len(mis) > 3 else ""
+        fix = "; ".join(parts) + more + ", to the variance its activation needs (2/fan-in for ReLU)"
+    else:
+        fix = "rescale the weights to the variance each activation needs (2/fan-in for ReLU)"
+        if vanishing and _bias_dominated(graph, pred, th):
+            fix += "; zero the biases, which set the floor the signal collapses to"
+    word = "vanishes" if vanishing else "explodes"
+    yield Finding(
+        code="IA101" if vanishing else "IA102",
+        severity=severity,
+        message=f"mean activation length {word}: E[M]/M_0 = {_fmt(ratio)} at `{s.worst_layer}`",
+        location=s.worst_layer,
+        fix=fix,
+        evidence={"ratio": ratio, "layer": s.worst_layer, "mis_scaled": len(mis)},
+    )
+
+
+@rule(
+    "IA103",
+    "weight-scale",
+    Severity.WARNING,
+    "A weight's variance is more than 2x off the value its activation needs.",
+    """
+Each dense or conv weight feeding an activation phi keeps the mean length when its
+variance is 1 / (fan_in * E[phi(z)^2]) at unit variance: 2/fan-in for ReLU, 2.54/fan-in
+for tanh, 2.35/fan-in for GELU (THEORY.md section 2). A tensor off by more than 2x in
+variance is reported with the factor to multiply it by. Weights that feed a
+normalization, a residual join or the output are not judged here: their scale is set by
+the norm, by eta (IA3xx), or by design.
+""",
+)
+def _weight_scale(graph: LayerGraph, pred: Prediction, th: Thresholds) -> Iterator[Finding]:
+    for layer, ratio, mult in scale_factors(graph, th):
+        weight = layer.weight
+        assert weight is not None
+        yield Finding(
+            code="IA103",
+            severity=Severity.WARNING,
+            message=(
+                f"`{weight.name}` has variance {_fmt(ratio)}x the right value for its "
+                f"{graph.following_activation(layer.name)} (std {_fmt(weight.std)}, fan-in {layer.fan_in})"
+            ),
+            location=weight.name,
+            fix=f"multiply `{weight.name}` by {_fmt(mult)}",
+            evidence={"variance_ratio": ratio, "multiplier": mult, "std": weight.std, "fan_in": layer.fan_in},
+        )
+
+
+def _bias_dominated(graph: LayerGraph, pred: Prediction, th: Thresholds) -> list[tuple[Layer, float]]:
+    rows = []
+    for layer in graph.linear_layers():
+        if layer.bias is None or not layer.bias.finite or layer.bias.second_moment == 0:
+            continue
+        state = pred.states.get(layer.name)
+        if state is None or state.m2 <= 0:
+            continue
+        share = layer.bias.second_moment / state.m2
+        if share > th.bias_share:
+            rows.append((layer, share))
+    return rows
+
+
+@rule(
+    "IA104",
+    "bias-dominated",
+    Severity.WARNING,
+    "Biases carry most of a pre-activation: the signal has collapsed to the bias floor.",
+    """
+With E[M_j] = (sigma^2/2) E[M_{j-1}] + v_b/2 (ReLU), a bias of variance v_b sets a floor
+the length cannot fall below; when the weights shrink the signal (PyTorch's default
+init: factor 1/6 per layer, floor 1/(5n)), deep layers see mostly bias, and the input is
+forgotten. Reported when the bias's share of a pre-activation's second moment exceeds
+one half. Fix: zero the biases (or scale them down) and fix the weight scale.
+""",
+)
+def _bias(graph: LayerGraph, pred: Prediction, th: Thresholds) -> Iterator[Finding]:
+    rows = _bias_dominated(graph, pred, th)
+    if not rows:
+        return
+    layer, share = max(rows, key=lambda row: row[1])
+    names = ", ".join(f"`{row[0].bias.name}`" for row in rows[:3]) + (" ..." if len(rows) > 3 else "")  # type: ignore[union-attr]
+    yield Finding(
+        code="IA104",
+        severity=Severity.WARNING,
+        message=f"biases dominate {len(rows)} pre-activations (up to {share:.0%} at `{layer.name}`)",
+        location=layer.bias.name if layer.bias else layer.name,
+        fix=f"zero the biases {names}",
+        evidence={"layers": len(rows), "max_share": share},
+    )
+
+
+# FM2 ----------------------------------------------------------------------------------
+
+
+@rule(
+    "IA201",
+    "length-variance",
+    Severity.ERROR,
+    "The length of the signal varies wildly between random inits: the net is too narrow for its depth (FM2).",
+    """
+FM2 (Hanin & Rolnick 2018): even with the mean length preserved, ln M_L is a sum of one
+random factor per layer, with Var ln M_L ~ 5 beta for ReLU, beta = sum_j 1/n_j over the
+hidden widths (c_phi/n_j for other activations). The typical (median) network shrinks
+its signal as exp(-5 beta / 2) while the mean stays put, and the length fluctuates by a
+factor exp(sqrt(5 beta)) either way. Weights cannot fix this: width must grow with depth.
+Error when beta > 1 (median below ~0.08), warning when beta > 0.3. Normalization layers
+and scaled residual branches (sum eta^2 bounded) prevent it.
+Fix: widen the hidden layers or cut depth; the finding gives both numbers.
+""",
+)
+def _fm2(graph: LayerGraph, pred: Prediction, th: Thresholds) -> Iterator[Finding]:
+    s = pred.summary
+    if has_nonfinite(graph) or (s.residual and s.worst_ratio > th.fm1_warning):
+        return  # a residual stream that explodes is IA301's; FM2 is secondary there
+    # Var ln M ~ 5 beta for ReLU; compare on the log-variance so other activations count right.
+    equivalent = max(s.beta, s.log_var / 5)
+    if equivalent <= th.beta_warning:
+        return
+    severity = Severity.ERROR if equivalent > th.beta_error else Severity.WARNING
+    depth = max(s.depth, 1)
+    per_layer = equivalent / depth  # ~ 1/n for constant width
+    width_needed = math.ceil(depth / th.beta_warning) if per_layer > 0 else 0
+    depth_allowed = max(1, math.floor(th.beta_warning / per_layer)) if per_layer > 0 else depth
+    yield Finding(
+        code="IA201",
+        severity=severity,
+        message=(
+            f"length variance grows with depth: beta = {_fmt(s.beta)}, Var ln(M_L/M_0) = {_fmt(s.log_var)}, "
+            f"median M_L/M_0 = {_fmt(s.median)} while the mean is {_fmt(s.mean_ratio)}"
+        ),
+        location=graph.outputs[0] if graph.outputs else "",
+        fix=(
+            f"weights cannot fix this: widen the hidden layers to at least {width_needed} "
+            f"or cut depth to {depth_allowed} layers (beta <= {th.beta_warning}); "
+            "or add normalization / scaled residual connections"
+        ),
+        evidence={
+            "beta": s.beta,
+            "log_var": s.log_var,
+            "median": s.median,
+            "depth": depth,
+            "width_needed": width_needed,
+            "depth_allowed": depth_allowed,
+        },
+    )
+
+
+# Residual -----------------------------------------------------------------------------
+
+
+@rule(
+    "IA301",
+    "residual-branches-unscaled",
+    Severity.ERROR,
+    "Residual branches are not scaled down: the stream explodes with the number of blocks.",
+    """
+For y_l = y_{l-1} + eta_l F_l(y_{l-1}) with a linear-terminated branch of gain g,
+E[M_L] = M_0 prod_l (1 + g eta_l^2): FM1 is avoided iff sum eta_l^2 stays bounded
+(THEORY.md section 4). eta = 1 doubles the stream per block (2^L); eta = 1/sqrt(L)
+keeps it below e^g. Error outside [0.1, 10] for the stream after the last block,
+warning outside [1/3, 3].
+Fix: scale each branch by 1/sqrt(L g) (a scalar gate, LayerScale, or folded into the
+branch's last weight); GPT-2 uses 1/sqrt(2 n_layer); Fixup and SkipInit/ReZero start
+the branch at zero.
+""",
+)
+def _residual(graph: LayerGraph, pred: Prediction, th: Thresholds) -> Iterator[Finding]:
+    s = pred.summary
+    blocks = pred.blocks
+    if not blocks or has_nonfinite(graph) or s.worst_ratio <= th.fm1_warning:
+        return
+    if not any(b.factor > 1 + 1e-9 for b in blocks):
+        return
+    growing = [b for b in blocks if not b.normalized]
+    count = len(blocks)
+    gain = sum(b.gain for b in blocks) / count
+    target = 1 / math.sqrt(count * max(gain, 1e-12))
+    severity = Severity.ERROR if s.worst_ratio > th.fm1_error else Severity.WARNING
+    if not growing:  # pre-norm: linear growth, not exponential
+        severity = Severity.WARNING
+    mean_eta = math.sqrt(sum(b.eta**2 for b in blocks) / count)
+    yield Finding(
+        code="IA301",
+        severity=severity,
+        message=(
+            f"residual stream grows to E[M]/M_0 = {_fmt(s.worst_ratio)} over {count} blocks: "
+            f"sum eta^2 = {_fmt(s.sum_eta2)} (eta ~ {_fmt(mean_eta)}, branch gain g ~ {_fmt(gain)})"
+        ),
+        location=s.worst_layer,
+        fix=f"scale each of the {count} residual branches by {_fmt(target / max(mean_eta, 1e-12))} "
+        f"(eta = 1/sqrt(L g) = {_fmt(target)})",
+        evidence={
+            "blocks": count,
+            "sum_eta2": s.sum_eta2,
+            "gain": gain,
+            "target_eta": target,
+            "ratio": s.worst_ratio,
+        },
+    )
+
+
+@rule(
+    "IA302",
+    "dead-residual-branch",
+    Severity.WARNING,
+    "A residual branch whose gate and last weight are both zero gets no gradient.",
+    """
+SkipInit/ReZero zero the branch gate and Fixup zeroes the branch's last weight: either
+alone starts the block as the identity and still trains. Zeroing both leaves every
+parameter of the branch with zero gradient (THEORY.md section 4).
+Fix: keep the gate at zero and re-initialize the last weight, or the reverse.
+""",
+)
+def _dead_branch(graph: LayerGraph, pred: Prediction, th: Thresholds) -> Iterator[Finding]:
+    for block in graph.residual_blocks():
+        last = next((graph[n] for n in reversed(block.branch) if graph[n].is_linear), None)
+        weight_zero = last is not None and last.weight is not None and last.weight.all_zero
+        if block.gate == 0 and weight_zero:
+            yield Finding(
+                code="IA302",
+                severity=Severity.WARNING,
+                message=f"residual branch into `{block.add}` has a zero gate and a zero last weight",
+                location=block.last_weight or block.add,
+                fix=f"re-initialize `{block.last_weight}` (He) and keep the gate at zero",
+                evidence={"add": block.add},
+            )
+
+
+@rule(
+    "IA303",
+    "relu-terminated-branch",
+    Severity.INFO,
+    "Residual branches end in a ReLU: the stream grows to first order in eta.",
+    """
+A branch ending in a ReLU adds a non-negative output: the cross term with the stream is
+first order in eta, and growth is exp(Theta(sum eta)) rather than prod(1 + g eta^2)
+(THEORY.md section 4). Fix: end the branch with a linear layer (pre-activation blocks).
+""",
+)
+def _relu_terminated(graph: LayerGraph, pred: Prediction, th: Thresholds) -> Iterator[Finding]:
+    ending = [b for b in pred.blocks if b.terminal in ("relu", "leaky_relu", "prelu", "softplus", "sigmoid")]
+    if ending:
+        yield Finding(
+            code="IA303",
+            severity=Severity.INFO,
+            message=f"{len(ending)} residual branches end in {ending[0].terminal}: the stream mean drifts",
+            location=ending[0].add,
+            fix="end each branch with a linear layer (pre-activation residual blocks)",
+            evidence={"blocks": len(ending)},
+        )
+
+
+# Weight hygiene -----------------------------------------------------------------------
+
+
+@rule(
+    "IA501",
+    "non-finite-weights",
+    Severity.ERROR,
+    "A tensor holds NaN or Inf.",
+    """
+Any NaN or Inf in a weight, bias or normalization parameter propagates to every output.
+No verdict is computed from such a file. Fix: find where the checkpoint was corrupted
+(an overflow in training, a bad cast to float16) and re-export it.
+""",
+)
+def _nonfinite(graph: LayerGraph, pred: Prediction, th: Thresholds) -> Iterator[Finding]:
+    for layer in graph:
+        for tensor in _tensors(layer):
+            if not tensor.finite:
+                yield Finding(
+                    code="IA501",
+                    severity=Severity.ERROR,
+                    message=f"`{tensor.name}` has {tensor.nonfinite} non-finite values of {tensor.count}",
+                    location=tensor.name,
+                    fix=f"re-export the model; `{tensor.name}` is corrupted",
+                    evidence={"nonfinite": tensor.nonfinite, "count": tensor.count},
+                )
+
+
+@rule(
+    "IA502",
+    "zero-weight",
+    Severity.ERROR,
+    "A weight tensor is all zeros: the layer passes nothing and gets no useful gradient.",
+    """
+An all-zero weight outputs only its bias, and all its units get identical gradients, so
+they never differ. Exempt: a residual branch's last layer and the output layer, which
+Fixup and SkipInit zero on purpose.
+Fix: initialize it (He for ReLU layers).
+""",
+)
+def _zero_weight(graph: LayerGraph, pred: Prediction, th: Thresholds) -> Iterator[Finding]:
+    exempt = _branch_last_weights(graph) | _output_weights(graph)
+    for layer in graph.linear_layers():
+        weight = layer.weight
+        if weight is not None and weight.all_zero and weight.name not in exempt:
+            yield Finding(
+                code="IA502",
+                severity=Severity.ERROR,
+                message=f"`{weight.name}` is all zeros",
+                location=weight.name,
+                fix=f"initialize `{weight.name}` with std {_fmt(math.sqrt(2 / (layer.fan_in or 1)))} (He)",
+                evidence={"count": weight.count},
+            )
+
+
+# Modeling notes -----------------------------------------------------------------------
+
+
+@rule(
+    "IA901",
+    "unmodeled-op",
+    Severity.INFO,
+    "An op the theory does not model was treated as pass-through.",
+    """
+initaudit models dense, conv, activations, normalizations, residual joins, scalar gates,
+pools and shape ops. Anything else (attention, gating, custom ops) is assumed to pass
+the signal through unchanged, and the prediction is only as good as that assumption.
+Monte Carlo (`--mc`) measures what the real op does.
+""",
+)
+def _unmodeled(graph: LayerGraph, pred: Prediction, th: Thresholds) -> Iterator[Finding]:
+    ops: dict[str, list[str]] = {}
+    for layer in graph:
+        if layer.kind is Kind.UNMODELED:
+            ops.setdefault(layer.op, []).append(layer.name)
+    for op, names in ops.items():
+        yield Finding(
+            code="IA901",
+            severity=Severity.INFO,
+            message=f"{len(names)} `{op}` node(s) not modeled; assumed to pass the signal through",
+            location=names[0],
+            fix="run with --mc to measure them",
+            evidence={"op": op, "count": len(names)},
+        )
+
+
+@rule(
+    "IA902",
+    "batchnorm-folded",
+    Severity.INFO,
+    "Convs carry biases and no normalization is present: BatchNorm may have been folded.",
+    """
+Exporters often fold BatchNorm into the preceding conv for inference, leaving no
+normalization node. Training-time BatchNorm resets the length at every layer; a folded
+graph hides that reset, so the prediction may call FM1 where training would not see it.
+Fix: export the training graph (`torch.onnx.export(..., training=TrainingMode.TRAINING,
+do_constant_folding=False)`) or audit the PyTorch module.
+""",
+)
+def _folded(graph: LayerGraph, pred: Prediction, th: Thresholds) -> Iterator[Finding]:
+    if graph.meta.get("bn_folded"):
+        yield Finding(
+            code="IA902",
+            severity=Severity.INFO,
+            message="the model looks like BatchNorm was folded into its convs; the length reset is invisible",
+            location="",
+            fix="audit the training graph, where the normalization layers are present",
+        )
+
+
+@rule(
+    "IA903",
+    "graph-note",
+    Severity.INFO,
+    "The frontend made an assumption while reading the file.",
+    """
+Notes from reading the file: a symbolic dimension set to its default, a failed shape
+inference, an opset converted. The analysis went on; the note says what was assumed.
+""",
+)
+def _notes(graph: LayerGraph, pred: Prediction, th: Thresholds) -> Iterator[Finding]:
+    for note in graph.notes:
+        yield Finding(code="IA903", severity=Severity.INFO, message=note)
