@@ -66,7 +66,7 @@ def test_he_mean_ratio_is_the_product_of_actual_gains(samples):
 def test_narrow_net_fm2_numbers(samples):
     s = audit_file(samples / "deep_narrow_he_mlp.onnx").prediction.summary
     assert s.beta == pytest.approx(50 / 16)
-    mean, var, _ = log_relu_average(16)
+    _, var, _ = log_relu_average(16)
     assert s.log_var == pytest.approx(50 * var, rel=1e-6)  # independent of the weights' scale
     assert s.median < 0.01 < s.mean_ratio
 
