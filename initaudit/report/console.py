@@ -186,9 +186,13 @@ def render_console(result: AuditResult, console: Console, verbose: bool = False,
     counts = result.counts()
     console.print(
         Text.assemble(
-            (f"{counts['error']} errors", "red" if counts["error"] else ""),
+            (_plural(counts["error"], "error"), "red" if counts["error"] else ""),
             ", ",
-            (f"{counts['warning']} warnings", "yellow" if counts["warning"] else ""),
+            (_plural(counts["warning"], "warning"), "yellow" if counts["warning"] else ""),
             f", {counts['info']} info",
         )
     )
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
