@@ -278,6 +278,75 @@ def test_mul_of_two_signals_and_attention_matmul_are_unmodeled(tmp_path: Path) -
     assert graph["t"].kind is Kind.RESHAPE
 
 
+def test_transformer_block_shape_ops_are_not_layers(tmp_path: Path) -> None:
+    """A PyTorch-style export: Reshape targets computed from Shape, attention, two residuals."""
+    d, heads = 8, 2
+    n = helper.make_node
+    nodes = [
+        n("LayerNormalization", ["x", "g1", "z8"], ["h"], name="ln1", epsilon=1e-5),
+        n("MatMul", ["h", "Wq"], ["q0"], name="q"),
+        n("Add", ["z8", "q0"], ["q1"], name="q_bias"),
+        n("Shape", ["x"], ["shp"], name="shape"),
+        n("Gather", ["shp", "i0"], ["bsz"], name="gather", axis=0),
+        n("Unsqueeze", ["bsz", "ax0"], ["bsz1"], name="unsqueeze"),
+        n("Concat", ["bsz1", "m1", "nh", "hd"], ["target"], name="concat", axis=0),
+        n("Reshape", ["q1", "target"], ["q4"], name="split_heads"),
+        n("Transpose", ["q4"], ["qt"], name="to_heads", perm=[0, 2, 1, 3]),
+        n("Transpose", ["q4"], ["kt"], name="to_keys", perm=[0, 2, 3, 1]),
+        n("MatMul", ["qt", "kt"], ["s"], name="scores"),
+        n("Softmax", ["s"], ["pr"], name="softmax", axis=-1),
+        n("MatMul", ["pr", "qt"], ["o"], name="mix"),
+        n("Transpose", ["o"], ["ot"], name="from_heads", perm=[0, 2, 1, 3]),
+        n("Reshape", ["ot", "flat"], ["o3"], name="merge_heads"),
+        n("MatMul", ["o3", "Wo"], ["a"], name="out_proj"),
+        n("Add", ["x", "a"], ["x1"], name="res1"),
+        n("MatMul", ["x1", "W1"], ["f"], name="fc1"),
+        n("Relu", ["f"], ["r"], name="relu"),
+        n("MatMul", ["r", "W2"], ["m"], name="fc2"),
+        n("Add", ["x1", "m"], ["y"], name="res2"),
+    ]
+
+    def ints(name: str, value: list[int] | int) -> TensorProto:
+        return numpy_helper.from_array(np.asarray(value, dtype=np.int64), name)
+
+    inits = [_c("g1", [1.0] * d), _c("z8", [0.0] * d), _w("Wq", d, d), _w("Wo", d, d), _w("W1", d, 4 * d)]
+    inits += [_w("W2", 4 * d, d), ints("i0", 0), ints("ax0", [0]), ints("m1", [-1]), ints("nh", [heads])]
+    inits += [ints("hd", [d // heads]), ints("flat", [0, 0, d])]
+    graph = load_onnx(_save(tmp_path, nodes, inits, ["batch", "seq", d], ["batch", "seq", d]))
+    names = [layer.name for layer in graph]
+    assert not {"shape", "gather", "unsqueeze", "concat"} & set(names)
+    assert graph["split_heads"].inputs == ["q"] and graph["split_heads"].shape == (1, None, heads, d // heads)
+    assert graph["merge_heads"].width == d and graph["x"].width == d and graph["fc1"].width == 4 * d
+    assert graph["scores"].kind is Kind.UNMODELED and graph["scores"].inputs == ["to_heads", "to_keys"]
+    assert graph["q"].bias is not None and graph["ln1"].attrs["norm"] == "layer"
+    blocks = {block.add: block for block in graph.residual_blocks()}
+    assert set(blocks) == {"res1", "res2"}
+    assert blocks["res2"].branch == ["fc1", "relu", "fc2"] and blocks["res2"].last_weight == "W2"
+    assert blocks["res1"].normalized and blocks["res1"].last_weight == "Wo"
+
+
+def test_large_weights_leave_the_proto_and_still_give_stats(tmp_path: Path) -> None:
+    w = (RNG.standard_normal((256, 300)) * 0.05).astype(np.float32)  # above KEEP_ELEMENTS
+    div = RNG.uniform(1.0, 2.0, (300, 256)).astype(np.float32)
+    nodes = [
+        helper.make_node("ConstantOfShape", ["wshape"], ["W2"], name="fill", value=_c("v", [0.5])),
+        helper.make_node("Div", ["x", "D"], ["s"], name="norm_in"),
+        helper.make_node("MatMul", ["s", "W"], ["h"], name="fc"),
+        helper.make_node("MatMul", ["h", "W2"], ["y"], name="head"),
+    ]
+    inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(div, "D")]
+    inits.append(numpy_helper.from_array(np.array([300, 4], dtype=np.int64), "wshape"))
+    graph = load_onnx(_save(tmp_path, nodes, inits, [300, 256], [300, 4]))
+    fc, head = graph["fc"], graph["head"]
+    assert (fc.fan_in, fc.width) == (256, 300) and fc.shape == (300, 300)
+    assert fc.weight.std == pytest.approx(float(w.std()), rel=1e-6)
+    expected = math.sqrt(float(np.mean(1.0 / div.astype(np.float64) ** 2)))
+    assert graph["norm_in"].kind is Kind.SCALE and graph["norm_in"].attrs["value"] == pytest.approx(expected)
+    assert (head.fan_in, head.width) == (300, 4) and head.shape == (300, 4)
+    assert head.weight.count == 1200 and head.weight.mean == 0.5 and head.weight.std == 0.0
+    assert graph.meta["tensor_stats"]["W2"] == head.weight
+
+
 def test_symbolic_batch_defaults_to_one_and_input_shape_overrides(tmp_path: Path) -> None:
     nodes = [
         helper.make_node("Conv", ["x", "W"], ["c"], name="conv"),

@@ -1,9 +1,10 @@
 """ONNX frontend: a ModelProto into a LayerGraph.
 
 Reading is defensive (see DESIGN.md, "Loading safely"): the file is parsed without external
-data, checked, and every weight is read on its own from inside the model directory through
-onnx's own guarded reader, summarized by :func:`tensor_stats` and dropped. Large weights are
-then stripped from the proto so shape inference does not serialize a 1 GB model.
+data; every weight is validated (dims, data size) and read on its own from inside the model
+directory through onnx's own guarded reader, summarized by :func:`tensor_stats` and dropped.
+Large weights then leave the proto, so that the checker and shape inference run on a small
+model instead of serializing a 1 GB one.
 
 Mapping is one small handler per op type (``_HANDLERS``); multi-node idioms that exporters
 emit for a single layer (SiLU, erf/tanh GELU, decomposed LayerNorm, MatMul + bias Add) are
@@ -41,6 +42,7 @@ _SUBBYTE_TYPES = {
     for name in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2", "FLOAT6E2M3", "FLOAT6E3M2")
     if hasattr(TensorProto, name)
 }
+_KNOWN_TYPES = set(TensorProto.DataType.values()) - {TensorProto.UNDEFINED}
 _FLOAT_TYPES = {value for name, value in TensorProto.DataType.items() if "FLOAT" in name or name == "DOUBLE"}
 
 
@@ -113,6 +115,11 @@ def _scaled(stats: TensorStats | None, factor: float) -> TensorStats | None:
     )
 
 
+def _text(value: str | bytes) -> str:
+    # protobuf hands back bytes for a string field that is not valid UTF-8.
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
 def _one_line(exc: BaseException | str, limit: int = 240) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -135,12 +142,13 @@ def load_onnx(path: str | Path, input_shape: tuple[int, ...] | None = None) -> L
     real_inputs = [vi.name for vi in model.graph.input if vi.name not in init_names]
     notes: list[str] = []
     consts, all_stats = _read_initializers(p, model, notes)
+    _check(p, model)
     input_shapes = _fix_input_shapes(p, model, real_inputs, input_shape)
     shapes = _infer_shapes(model, notes)
     builder = _Builder(p, model, consts, shapes, real_inputs, notes)
     graph = builder.build()
     graph.meta["input_shapes"] = input_shapes
-    graph.meta["tensor_stats"] = all_stats
+    graph.meta["tensor_stats"] = {**all_stats, **builder.node_stats}
     return graph
 
 
@@ -166,12 +174,30 @@ def _read_model(p: Path) -> onnx.ModelProto:
         raise LoadError(p, f"is a corrupt ONNX file ({_one_line(exc)})") from None
     if not model.HasField("graph") or not model.opset_import:
         raise LoadError(p, "is not an ONNX model (no graph or opset in the protobuf)")
+    return model
+
+
+def _check(p: Path, model: onnx.ModelProto) -> None:
+    """The ONNX checker, on the proto once its weights are validated and stripped.
+
+    Checking the path instead would parse a 1 GB file a second time (seconds, and gigabytes
+    of memory). A Constant node with external data is the exception: only the path-based
+    check knows the model directory to resolve it against.
+    """
+    external = any(
+        a.type == onnx.AttributeProto.TENSOR and uses_external_data(a.t)
+        for node in model.graph.node
+        for a in node.attribute
+    )
     try:
-        # On the path, so that external data locations are checked against the model directory.
-        onnx.checker.check_model(str(p))
+        try:
+            onnx.checker.check_model(str(p) if external else model)
+        except ValueError as exc:
+            if "2GB" not in str(exc):
+                raise
+            onnx.checker.check_model(str(p))
     except Exception as exc:
         raise LoadError(p, _external_problem(exc) or f"fails the ONNX checker: {_one_line(exc)}") from None
-    return model
 
 
 _TENSOR_RE = re.compile(r"tensor name: ([^)]*?)\s*\)")
@@ -207,8 +233,8 @@ def _check_tensor(p: Path, t: TensorProto) -> int:
     count = math.prod(dims)
     if count > MAX_ELEMENTS:
         raise LoadError(p, f"tensor {t.name!r} declares {count} elements (corrupt header)")
-    if t.data_type == TensorProto.UNDEFINED:
-        raise LoadError(p, f"tensor {t.name!r} has an undefined element type")
+    if t.data_type == TensorProto.UNDEFINED or t.data_type not in _KNOWN_TYPES:
+        raise LoadError(p, f"tensor {t.name!r} has an unknown element type ({t.data_type})")
     if t.data_type in _SUBBYTE_TYPES or t.data_type == TensorProto.STRING:
         return count
     itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
@@ -223,10 +249,7 @@ def _check_tensor(p: Path, t: TensorProto) -> int:
                 p, f"external data of tensor {t.name!r} is {info.length} bytes; its shape needs {expected}"
             )
     elif t.HasField("raw_data"):
-        if len(t.raw_data) != expected:
-            raise LoadError(
-                p, f"tensor {t.name!r} holds {len(t.raw_data)} bytes; its shape {dims} needs {expected}"
-            )
+        pass  # reading raw_data copies it: its length is checked by the reshape in to_array
     else:
         stored = len(getattr(t, helper.tensor_dtype_to_field(t.data_type)))
         per = 2 if t.data_type in (TensorProto.COMPLEX64, TensorProto.COMPLEX128) else 1
@@ -242,6 +265,9 @@ def _to_array(p: Path, t: TensorProto) -> np.ndarray:
         array = numpy_helper.to_array(t, base_dir=str(p.parent))
     except Exception as exc:
         problem = _external_problem(exc)
+        if problem is None and "reshape" in str(exc):
+            dims = tuple(int(d) for d in t.dims)
+            problem = f"tensor {t.name!r} holds data that does not fit its shape {dims} ({_one_line(exc)})"
         if problem is None:
             problem = f"tensor {t.name!r} cannot be read ({_one_line(exc)})"
         raise LoadError(p, problem) from None
@@ -253,7 +279,10 @@ def _to_array(p: Path, t: TensorProto) -> np.ndarray:
 def _read_initializers(
     p: Path, model: onnx.ModelProto, notes: list[str]
 ) -> tuple[dict[str, _Const], dict[str, TensorStats]]:
-    """Stats for every initializer, one array alive at a time; big ones leave the proto."""
+    """Stats for every initializer, one array alive at a time; big ones leave the proto.
+
+    Dims and data sizes are validated here, before the checker runs (see :func:`_check`).
+    """
     graph = model.graph
     divisors = {n.input[1] for n in graph.node if n.op_type == "Div" and len(n.input) > 1}
     consts: dict[str, _Const] = {}
@@ -265,9 +294,9 @@ def _read_initializers(
         const = _Const(t.name, tuple(int(d) for d in t.dims), stats)
         if array.size <= KEEP_ELEMENTS:
             const.value = array
-        else:
-            if t.name in divisors:
-                const.inv_rms = _inv_rms(array)
+        elif t.name in divisors:
+            const.inv_rms = _inv_rms(array)
+        if array.size > KEEP_ELEMENTS or uses_external_data(t):
             stripped.append(i)
         del array
         if stats is not None:
@@ -275,7 +304,9 @@ def _read_initializers(
         consts[t.name] = const
     if graph.sparse_initializer:
         notes.append(f"{len(graph.sparse_initializer)} sparse initializer(s) were not read")
-    # Shape inference serializes the whole model: hand it the big weights as typed inputs.
+    # The checker and shape inference serialize the whole model: hand them the big weights
+    # as typed inputs. External ones go too: the proto-based checker would resolve their
+    # files against the working directory, and they have been read safely already.
     listed = {vi.name for vi in graph.input}
     for i in reversed(stripped):
         t = graph.initializer[i]
@@ -476,6 +507,7 @@ class _Builder:
         self.absorbed: set[int] = set()
         self.names: list[str] = []
         self.pending: list[int] = []  # nodes a handler folded into the layer it is building
+        self.node_stats: dict[str, TensorStats] = {}  # weights held in Constant nodes
         for i, node in enumerate(self.nodes):
             for t in node.output:
                 if t:
@@ -549,7 +581,10 @@ class _Builder:
             for i in range(len(self.nodes)):
                 if i in self.absorbed or i in self.groups:
                     continue
-                group = matcher(self, i)
+                try:
+                    group = matcher(self, i)
+                except Exception:
+                    group = None  # an idiom half-matched on odd inputs: map the nodes one by one
                 if group is not None and self.closed(group.nodes, group.out):
                     first = min(group.nodes)
                     self.groups[first] = group
@@ -584,6 +619,9 @@ class _Builder:
 
     def _fold(self, node: onnx.NodeProto) -> None:
         value: np.ndarray | None = None
+        if node.op_type == "ConstantOfShape" and node.domain in _DEFAULT_DOMAINS:
+            self._fold_constant_of_shape(node)
+            return
         if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS:
             value = _constant_node_value(self.path, node)
         elif node.op_type in _FOLD and node.domain in _DEFAULT_DOMAINS:
@@ -604,6 +642,47 @@ class _Builder:
                 stats = tensor_stats(t, v)
             keep = v if v is not None and v.size <= KEEP_ELEMENTS else None
             self.consts[t] = _Const(t, shape, stats, keep)
+            if stats is not None and stats.count > 1 and node.op_type == "Constant":
+                self.node_stats[t] = stats
+
+    def _fold_constant_of_shape(self, node: onnx.NodeProto) -> None:
+        """A filled tensor: its stats are known without allocating it (it may be a weight)."""
+        out = node.output[0]
+        source = self.consts.get(node.input[0]) if node.input else None
+        shape: tuple[int, ...] | None = None
+        if source is not None and source.value is not None:
+            shape = tuple(int(d) for d in source.value.reshape(-1))
+        elif (inferred := self.shapes.get(out)) is not None and None not in inferred:
+            shape = tuple(int(d) for d in inferred)  # type: ignore[arg-type]
+        fill_attr = _attr(node, "value")
+        fill = (
+            numpy_helper.to_array(fill_attr).reshape(-1) if fill_attr is not None else np.zeros(1, np.float32)
+        )
+        if shape is None or any(d < 0 for d in shape) or fill.size != 1:
+            self.consts[out] = _Const(out, shape)
+            return
+        count, v = math.prod(shape), float(fill[0])
+        stats = None
+        if fill.dtype.kind == "f":
+            finite = math.isfinite(v)
+            n = count if finite else 0
+            stats = TensorStats(
+                name=out,
+                shape=shape,
+                dtype=str(fill.dtype),
+                count=count,
+                mean=v if finite and n else 0.0,
+                std=0.0,
+                second_moment=v * v if finite and n else 0.0,
+                kurtosis=1.0 if finite and v != 0 else float("nan"),
+                absmax=abs(v) if finite and n else 0.0,
+                nonfinite=count - n,
+                zeros=count if v == 0 else 0,
+            )
+        value = np.full(shape, fill[0], dtype=fill.dtype) if count <= KEEP_ELEMENTS else None
+        self.consts[out] = _Const(out, shape, stats, value)
+        if stats is not None and count > 1:
+            self.node_stats[out] = stats
 
     def _node_names(self) -> list[str]:
         counts: dict[str, int] = {}
@@ -612,7 +691,7 @@ class _Builder:
         taken = set(self.real_inputs)
         names = []
         for i, node in enumerate(self.nodes):
-            base = node.name if node.name and counts[node.name] == 1 else f"{node.op_type}_{i}"
+            base = _text(node.name) if node.name and counts[node.name] == 1 else f"{_text(node.op_type)}_{i}"
             name, k = base, 1
             while name in taken:
                 name, k = f"{base}_{k}", k + 1
@@ -639,18 +718,22 @@ class _Builder:
             handler = _HANDLERS.get(node.op_type, _unmodeled)
         else:
             handler = _CUSTOM_HANDLERS.get((node.domain, node.op_type), _unmodeled)
+        self.pending = []
         try:
             layer = handler(self, n)
         except LoadError:
             raise
         except Exception as exc:
             # A valid model must never crash the audit: say what was not understood instead.
-            layer = self.passthrough(
-                n, Kind.UNMODELED, {"reason": f"{node.op_type} could not be read: {_one_line(exc, 120)}"}
-            )
+            self.pending = []
+            reason = f"{node.op_type} could not be read ({_one_line(exc, 120)}); treated as pass-through"
+            layer = self.passthrough(n, Kind.UNMODELED, {"reason": reason}, keep_width=False)
         outputs = list(node.output)
-        if layer.attrs.get("fused_output"):
-            outputs.append(layer.attrs["fused_output"])
+        if self.pending:
+            layer.attrs["fused"] = [name] + [self.names[j] for j in self.pending]
+            for j in self.pending:
+                self.absorbed.add(j)
+                outputs.extend(self.nodes[j].output)
         self._emit(layer, outputs)
 
     def _emit_group(self, group: _Group, names: list[str]) -> None:
@@ -708,7 +791,9 @@ class _Builder:
             "opset": self.opset,
             "opsets": {o.domain or "ai.onnx": o.version for o in self.model.opset_import},
             "ir_version": self.model.ir_version,
-            "producer": " ".join(x for x in (self.model.producer_name, self.model.producer_version) if x),
+            "producer": " ".join(
+                _text(x) for x in (self.model.producer_name, self.model.producer_version) if x
+            ),
             "bn_folded": bool(convs) and Kind.NORM not in kinds and any(c.bias is not None for c in convs),
         }
         return LayerGraph(
