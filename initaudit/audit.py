@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from initaudit.graph import LayerGraph
-from initaudit.rules import RULES, Finding, Severity, Thresholds, evaluate
+from initaudit.rules import RULES, Finding, Severity, Thresholds, evaluate, has_nonfinite
 from initaudit.stats import match_scheme
 from initaudit.theory.propagate import Prediction, predict
 
@@ -30,8 +30,9 @@ class Selection:
         def matches(prefixes: list[str]) -> int:
             return max((len(p) for p in prefixes if code.startswith(p.upper())), default=-1)
 
+        # ruff's precedence: the more specific code wins, and ignore wins a tie.
         chosen = matches(self.select) if self.select else 0
-        return chosen >= 0 and chosen >= matches(self.ignore)
+        return chosen >= 0 and chosen > matches(self.ignore)
 
 
 @dataclass
@@ -41,7 +42,14 @@ class AuditResult:
     prediction: Prediction
     findings: list[Finding]
 
+    @property
+    def computable(self) -> bool:
+        """No verdict is computed from a file with NaN or Inf weights (IA501 says where)."""
+        return not has_nonfinite(self.graph)
+
     def verdict(self, family: str) -> str:
+        if not self.computable:
+            return "not computed"
         worst = max(
             (f.severity for f in self.findings if f.code in VERDICT_RULES[family]),
             default=None,
@@ -73,7 +81,20 @@ def audit_graph(
     findings = evaluate(graph, prediction, thresholds)
     if selection is not None:
         findings = [f for f in findings if selection.allows(f.code)]
-    return AuditResult(path=path or graph.source, graph=graph, prediction=prediction, findings=findings)
+    return AuditResult(
+        path=display_path(path or graph.source), graph=graph, prediction=prediction, findings=findings
+    )
+
+
+def display_path(path: str | Path) -> str:
+    """The path as reports and fingerprints show it: relative to the working directory when
+    the file lies beneath it, POSIX separators, so the same file fingerprints the same
+    however it was typed."""
+    absolute = Path(path).absolute()
+    try:
+        return absolute.relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return absolute.as_posix()
 
 
 def audit_file(

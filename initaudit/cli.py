@@ -14,7 +14,6 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-import click
 import typer
 from rich.console import Console
 
@@ -59,7 +58,7 @@ def guarded(func: F) -> F:
         debug = bool(kwargs.get("debug"))
         try:
             return func(*args, **kwargs)
-        except (typer.Exit, click.exceptions.Exit, click.ClickException):
+        except (typer.Exit, typer.Abort, typer.TyperException):
             raise
         except (InitauditError, ValueError) as error:
             if debug:
@@ -97,7 +96,7 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
     if not text:
         return None
     try:
-        dims = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
+        dims = tuple(int(part) for part in text.split(","))
     except ValueError:
         raise UsageError(f"--input-shape {text!r}: expected integers like 1,3,224,224") from None
     if not dims or any(d <= 0 for d in dims):
@@ -112,7 +111,9 @@ def _codes(values: list[str] | None) -> list[str]:
 @app.command()
 @guarded
 def check(
-    paths: Annotated[list[Path], typer.Argument(help="Model files (.onnx).", show_default=False)],
+    paths: Annotated[
+        list[Path], typer.Argument(help="Model files (.onnx).", show_default=False, metavar="MODEL...")
+    ],
     output_format: Annotated[Format, typer.Option("--format", "-f", help="Output format.")] = Format.text,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the report here.")] = None,
     fail_on: Annotated[
@@ -211,13 +212,17 @@ def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: every path out returns 0, 1 or 2."""
     try:
         code = app(args=argv, prog_name="initaudit", standalone_mode=False)
-    except click.exceptions.Exit as done:
+    except typer.Exit as done:
         return int(done.exit_code)
-    except click.exceptions.Abort:
+    except typer.Abort:
         _stderr().print("initaudit: aborted", markup=False)
         return EXIT_ERROR
-    except click.ClickException as error:
-        error.show()
+    except typer.TyperException as error:  # usage errors know how to show themselves
+        show = getattr(error, "show", None)
+        if callable(show):
+            show()
+        else:
+            _stderr().print(f"initaudit: error: {error}", markup=False)
         return EXIT_ERROR
     except Exception as error:
         if "--debug" in (argv if argv is not None else sys.argv):

@@ -37,9 +37,12 @@ def find_residual_blocks(graph: LayerGraph) -> list[ResidualBlock]:
 
 def _block(graph: LayerGraph, add: Layer, fork: str, skip: str, branch: list[str]) -> ResidualBlock:
     layers = [graph[name] for name in branch]
-    gate = math.prod(float(layer.attrs.get("value", 1.0)) for layer in layers if layer.kind is Kind.SCALE)
     linear = [layer for layer in layers if layer.is_linear]
     last = linear[-1] if linear else None
+    # A gate multiplies the branch output: only scales after the last weight count. A scale
+    # inside the branch (attention's 1/sqrt(d) before its softmax) is not eta.
+    tail = layers[layers.index(last) + 1 :] if last is not None else layers
+    gate = math.prod(float(layer.attrs.get("value", 1.0)) for layer in tail if layer.kind is Kind.SCALE)
     folded = 1.0
     if last is not None:
         after_last = layers[layers.index(last) + 1 :]

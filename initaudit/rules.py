@@ -15,6 +15,7 @@ from enum import IntEnum
 from typing import Any
 
 from initaudit.graph import Kind, Layer, LayerGraph
+from initaudit.stats import TensorStats
 from initaudit.theory.activations import get_activation
 from initaudit.theory.propagate import Prediction
 
@@ -103,9 +104,10 @@ def has_nonfinite(graph: LayerGraph) -> bool:
 # Helpers ------------------------------------------------------------------------------
 
 
-def _tensors(layer: Layer) -> Iterator[Any]:
+def _tensors(layer: Layer) -> Iterator[TensorStats]:
+    # attrs also hold plain numbers under the same keys (SELU's gamma): keep tensors only.
     for tensor in (layer.weight, layer.bias, layer.attrs.get("gamma"), layer.attrs.get("beta")):
-        if tensor is not None:
+        if isinstance(tensor, TensorStats):
             yield tensor
 
 
@@ -124,7 +126,7 @@ def right_variance(graph: LayerGraph, layer: Layer) -> float | None:
         return None
     consumer = _activation_after(graph, layer.name)
     attrs = consumer.attrs if consumer is not None else {}
-    return get_activation(name, attrs.get("alpha"), **attrs).right_gain()
+    return get_activation(name, **attrs).right_gain()
 
 
 def _activation_after(graph: LayerGraph, name: str) -> Layer | None:
@@ -220,7 +222,17 @@ def _exploding(graph: LayerGraph, pred: Prediction, th: Thresholds) -> Iterator[
 def _fm1(graph: LayerGraph, pred: Prediction, th: Thresholds, vanishing: bool) -> Iterator[Finding]:
     s = pred.summary
     ratio = s.worst_ratio
-    if has_nonfinite(graph) or ratio <= 0 or (ratio < 1) != vanishing:
+    if has_nonfinite(graph) or (ratio < 1) != vanishing:
+        return
+    if ratio <= 0:
+        yield Finding(
+            code="IA101",
+            severity=Severity.ERROR,
+            message=f"the signal is exactly zero at `{s.worst_layer}`: nothing reaches the output",
+            location=s.worst_layer,
+            fix="initialize the all-zero weights (see IA502) or the zero normalization scale",
+            evidence={"ratio": 0.0, "layer": s.worst_layer},
+        )
         return
     if s.residual and not vanishing and any(b.factor > 1 + 1e-9 for b in pred.blocks):
         return  # IA301 reports a residual stream that grows, with the right fix
@@ -230,10 +242,7 @@ def _fm1(graph: LayerGraph, pred: Prediction, th: Thresholds, vanishing: bool) -
     severity = Severity.ERROR if far > th.fm1_error else Severity.WARNING
     mis = scale_factors(graph, th)
     if mis:
-        worst = sorted(mis, key=lambda row: abs(math.log(row[1])), reverse=True)
-        parts = [f"multiply `{layer.weight.name}` by {_fmt(mult)}" for layer, _, mult in worst[:3]]  # type: ignore[union-attr]
-        more = f" (and {len(mis) - 3} more)" if len(mis) > 3 else ""
-        fix = "; ".join(parts) + more + ", to the variance its activation needs (2/fan-in for ReLU)"
+        fix = _rescale_advice(mis) + ", to the variance each activation needs (2/fan-in for ReLU)"
     else:
         fix = "rescale the weights to the variance each activation needs (2/fan-in for ReLU)"
         if vanishing and _bias_dominated(graph, pred, th):
@@ -278,6 +287,21 @@ def _weight_scale(graph: LayerGraph, pred: Prediction, th: Thresholds) -> Iterat
             fix=f"multiply `{weight.name}` by {_fmt(mult)}",
             evidence={"variance_ratio": ratio, "multiplier": mult, "std": weight.std, "fan_in": layer.fan_in},
         )
+
+
+def _rescale_advice(mis: list[tuple[Layer, float, float]]) -> str:
+    """One sentence for many weights: a common factor when they share one (Xavier, PyTorch's
+    default), else the three farthest off, in graph order."""
+    names = [layer.weight.name for layer, _, _ in mis if layer.weight is not None]
+    mults = sorted(mult for _, _, mult in mis)
+    median = mults[len(mults) // 2]
+    if len(mis) > 1 and all(abs(m / median - 1) < 0.1 for m in mults):
+        listed = ", ".join(f"`{n}`" for n in names[:3]) + (", ..." if len(names) > 3 else "")
+        return f"multiply each of the {len(mis)} weights {listed} by ~{_fmt(median)}"
+    worst = sorted(mis, key=lambda row: abs(math.log(row[1])), reverse=True)[:3]
+    worst.sort(key=lambda row: mis.index(row))
+    parts = [f"multiply `{layer.weight.name}` by {_fmt(mult)}" for layer, _, mult in worst]  # type: ignore[union-attr]
+    return "; ".join(parts) + (f" (and {len(mis) - 3} more)" if len(mis) > 3 else "")
 
 
 def _bias_dominated(graph: LayerGraph, pred: Prediction, th: Thresholds) -> list[tuple[Layer, float]]:

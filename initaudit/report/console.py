@@ -13,6 +13,7 @@ from initaudit.audit import AuditResult
 from initaudit.graph import Kind
 from initaudit.report.json_report import layer_rows
 from initaudit.rules import Severity
+from initaudit.theory.propagate import Summary
 
 _STYLE = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "cyan"}
 _VERDICT = {"pass": "bold green", "warning": "bold yellow", "error": "bold red"}
@@ -33,7 +34,7 @@ def fmt(x: float | None, digits: int = 3) -> str:
 
 
 def _elide(rows: list, verbose: bool) -> tuple[list, int]:
-    if verbose or len(rows) <= MAX_ROWS:
+    if verbose or len(rows) <= MAX_ROWS + 5:  # hiding a handful of rows saves nothing
         return rows, 0
     half = MAX_ROWS // 2
     return [*rows[:half], None, *rows[-half:]], len(rows) - 2 * half
@@ -60,7 +61,7 @@ def layer_table(result: AuditResult, verbose: bool = False) -> Table:
     rows, hidden = _elide(shown, verbose)
     for row in rows:
         if row is None:
-            table.add_row(f"... {hidden} more (-v shows all)", *[""] * 7, style="dim")
+            table.add_row(f"... {hidden} more", *[""] * 7, style="dim")
             continue
         layer, pred, ratio = row
         op = layer.activation or layer.op
@@ -112,6 +113,13 @@ def block_table(result: AuditResult, verbose: bool = False) -> Table | None:
 def summary_panel(result: AuditResult) -> Panel:
     s = result.prediction.summary
     fm1, fm2 = result.verdict("fm1"), result.verdict("fm2")
+    if not result.computable:
+        return Panel(
+            Text("NOT COMPUTED: the file holds NaN or Inf weights (IA501)", style="bold red"),
+            title="Verdict",
+            title_align="left",
+            expand=False,
+        )
     table = Table.grid(padding=(0, 2))
     table.add_column(justify="left")
     table.add_column(justify="left")
@@ -123,7 +131,7 @@ def summary_panel(result: AuditResult) -> Panel:
         Text("FM2 length variance", style="bold"),
         Text.assemble(
             (fm2.upper(), _VERDICT[fm2]),
-            f"  beta = sum 1/n_j = {fmt(s.beta)}   Var ln(M_L/M0) = {fmt(s.log_var)}   "
+            f"  {_beta_text(s)}Var ln(M_L/M0) = {fmt(s.log_var)}   "
             f"E[M_L^2]/E[M_L]^2 = {fmt(s.second_ratio)}   median M_L/M0 = {fmt(s.median)}   "
             f"E[Var^[M]] = {fmt(s.var_hat)}",
         ),
@@ -134,6 +142,11 @@ def summary_panel(result: AuditResult) -> Panel:
             f"{len(result.prediction.blocks)} blocks, sum eta^2 = {fmt(s.sum_eta2)}",
         )
     return Panel(table, title="Verdict", title_align="left", expand=False)
+
+
+def _beta_text(s: Summary) -> str:
+    # beta = sum 1/n_j describes plain stretches; a residual stream's spread is Var ln M alone.
+    return "" if s.residual else f"beta = sum 1/n_j = {fmt(s.beta)}   "
 
 
 def _fm1_numbers(result: AuditResult) -> str:

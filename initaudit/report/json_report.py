@@ -35,6 +35,15 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _plain(value: Any) -> bool:
+    """Whether ``value`` is JSON data all the way down (meta may hold richer objects)."""
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, str | int | float | bool)
+
+
 def _weight(layer: Layer, schemes: dict[str, str], right: float | None) -> dict[str, Any] | None:
     w = layer.weight
     if w is None:
@@ -96,7 +105,7 @@ def report_dict(result: AuditResult, fail_on: str = "error") -> dict[str, Any]:
         {
             "path": result.path,
             "format": graph.format,
-            "meta": {k: v for k, v in graph.meta.items() if isinstance(v, str | int | float | bool)},
+            "meta": {k: v for k, v in graph.meta.items() if _plain(v)},
             "notes": graph.notes,
             "verdicts": {"fm1": result.verdict("fm1"), "fm2": result.verdict("fm2")},
             "summary": {
@@ -112,11 +121,27 @@ def report_dict(result: AuditResult, fail_on: str = "error") -> dict[str, Any]:
                 "var_hat": s.var_hat,
                 "sum_eta2": s.sum_eta2,
                 "residual": s.residual,
+                "additive": s.additive,
                 "normalized": s.normalized,
                 "unmodeled": s.unmodeled,
             },
             "layers": layers,
-            "residual_blocks": [vars(b) for b in result.prediction.blocks],
+            "residual_blocks": [
+                {
+                    "add": b.add,
+                    "fork": b.fork,
+                    "branch_length": b.branch_length,
+                    "eta": b.eta,
+                    "gate": b.gate,
+                    "folded": b.folded,
+                    "gain": b.gain,
+                    "factor": b.factor,
+                    "terminal": b.terminal,
+                    "normalized": b.normalized,
+                    "last_weight": b.last_weight,
+                }
+                for b in result.prediction.blocks
+            ],
             "findings": [
                 {
                     "code": f.code,

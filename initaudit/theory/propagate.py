@@ -236,7 +236,7 @@ def _summary(
         var_hat=expected_var_hat(
             [row.mean for row in segment_rows], [row.mean**2 * (1 + row.spread) for row in segment_rows]
         ),
-        sum_eta2=sum(b.eta**2 for b in blocks),
+        sum_eta2=sum((b.eta**2 for b in blocks), 0.0),
         residual=bool(blocks),
         additive=bool(blocks) and all(b.normalized for b in blocks),
         normalized=any(layer.kind is Kind.NORM and layer.name not in in_branch for layer in graph),
@@ -248,13 +248,16 @@ def _beta(graph: LayerGraph, in_branch: set[str], segment: int, layers: list[Lay
     """sum 1/n_j over main-path linear layers that feed an activation, in the last segment."""
     seg = {row.name: row.segment for row in layers}
     return sum(
-        1.0 / layer.width
-        for layer in graph
-        if layer.is_linear
-        and layer.width
-        and layer.name not in in_branch
-        and seg[layer.name] == segment
-        and graph.following_activation(layer.name) not in (None, "identity")
+        (
+            1.0 / layer.width
+            for layer in graph
+            if layer.is_linear
+            and layer.width
+            and layer.name not in in_branch
+            and seg[layer.name] == segment
+            and graph.following_activation(layer.name) not in (None, "identity")
+        ),
+        0.0,
     )
 
 

@@ -87,7 +87,7 @@ def activation(layer: Layer, inputs: list[SignalState], ctx: Context) -> SignalS
     scale's fluctuation carried to first order through d E[phi^2] / d q."""
     x = inputs[0]
     name = layer.activation or "identity"
-    act = get_activation(name, layer.attrs.get("alpha"), **layer.attrs)
+    act = get_activation(name, **layer.attrs)
     variance = max(x.m2 - x.mu * x.mu, 0.0)
     symmetric = abs(x.mu) <= 1e-9 * math.sqrt(max(x.m2, 1e-300))
     law = Law(name, layer.attrs.get("alpha"), x.mu, variance)
