@@ -161,12 +161,9 @@ class LayerGraph:
             stack.extend(self[current].inputs)
         return seen
 
-    def following_activation(self, name: str) -> str | None:
-        """The activation that the output of ``name`` meets next, skipping shape-only ops.
-
-        Used to decide the right init for a weight: a dense layer feeding a ReLU wants
-        2/fan-in. None when the signal reaches a join, a norm or the output first.
-        """
+    def next_activation(self, name: str) -> Layer | None:
+        """The activation layer that the output of ``name`` meets next, skipping shape-only
+        ops and pools. None when the signal reaches a join, a norm or the output first."""
         current = name
         while True:
             nexts = self.consumers(current)
@@ -174,10 +171,16 @@ class LayerGraph:
                 return None
             nxt = nexts[0]
             if nxt.kind is Kind.ACTIVATION:
-                return nxt.activation
+                return nxt
             if nxt.kind not in (Kind.RESHAPE, Kind.POOL):
                 return None
             current = nxt.name
+
+    def following_activation(self, name: str) -> str | None:
+        """The name of :meth:`next_activation`'s activation: a dense layer feeding a ReLU
+        wants 2/fan-in."""
+        layer = self.next_activation(name)
+        return layer.activation if layer is not None else None
 
     def residual_blocks(self) -> list[ResidualBlock]:
         from initaudit.residual import find_residual_blocks

@@ -121,23 +121,10 @@ def right_variance(graph: LayerGraph, layer: Layer) -> float | None:
     """The weight variance times fan-in that keeps the length through this layer and
     the activation it feeds: 1 / E[phi(z)^2] at unit variance (2 for ReLU); None when
     the layer feeds no activation (a norm, a join or the output decide its scale)."""
-    name = graph.following_activation(layer.name)
-    if name is None:
+    consumer = graph.next_activation(layer.name)
+    if consumer is None:
         return None
-    consumer = _activation_after(graph, layer.name)
-    attrs = consumer.attrs if consumer is not None else {}
-    return get_activation(name, **attrs).right_gain()
-
-
-def _activation_after(graph: LayerGraph, name: str) -> Layer | None:
-    current = name
-    while True:
-        nexts = graph.consumers(current)
-        if len(nexts) != 1:
-            return None
-        if nexts[0].kind is Kind.ACTIVATION:
-            return nexts[0]
-        current = nexts[0].name
+    return get_activation(consumer.activation or "identity", **consumer.attrs).right_gain()
 
 
 def _branch_last_weights(graph: LayerGraph) -> set[str]:

@@ -83,8 +83,10 @@ class SignalState:
         f2 = factor * factor
         k1, k2, k3 = self.log
         log = (k1 + math.log(f2), k2, k3) if f2 > 0 else (-math.inf, 0.0, 0.0)
-        law = replace(self.law, mean=self.law.mean * factor, variance=self.law.variance * f2)
-        law = law if self.law.activation == "identity" else Law(mean=self.mu * factor, variance=self.m2 * f2)
+        if self.law.activation == "identity":
+            law = replace(self.law, mean=self.law.mean * factor, variance=self.law.variance * f2)
+        else:  # a scaled phi(z) is no longer phi of a Gaussian: fall back to a Gaussian law
+            law = Law(mean=self.mu * factor, variance=max(self.m2 - self.mu * self.mu, 0.0) * f2)
         return replace(
             self, mu=self.mu * factor, m2=self.m2 * f2, m4=self.m4 * f2 * f2, c22=self.c22 * f2 * f2,
             log=log, law=law,

@@ -198,7 +198,7 @@ def concat(layer: Layer, inputs: list[SignalState], ctx: Context) -> SignalState
     )
     m4 = sum(w * x.m4 for w, x in zip(weights, parts, strict=True))
     mu = sum(w * x.mu for w, x in zip(weights, parts, strict=True))
-    return _with_second(parts[0], total, mu, m2, m4, second, _mix_log(parts, weights, m2))
+    return _with_second(total, mu, m2, m4, second, _mix_log(parts, weights, m2))
 
 
 def _mix_log(parts: list[SignalState], weights: list[float], m2: float) -> tuple[float, float, float]:
@@ -213,7 +213,6 @@ def _mix_log(parts: list[SignalState], weights: list[float], m2: float) -> tuple
 
 
 def _with_second(
-    like: SignalState,
     width: int,
     mu: float,
     m2: float,
@@ -266,7 +265,7 @@ def _join(
     m4 = x.m4 + 6 * mx * mf + f.m4
     mu = x.mu + f.mu
     if m2 <= 0:
-        return _with_second(x, n, mu, 0.0, 0.0, 0.0, (-math.inf, 0.0, 0.0))
+        return _with_second(n, mu, 0.0, 0.0, 0.0, (-math.inf, 0.0, 0.0))
     # ln M_y: the skip's log-variance carried with elasticity rho, plus the branch's own
     # noise (the part of Var M_f not explained by M_x) and the cross term's.
     var_x = max(sx - mx * mx, 0.0)
@@ -277,7 +276,7 @@ def _join(
     gap = rho * gap_x + noise / 2
     k2 = rho * rho * x.log[1] + noise
     log = (math.log(m2) - gap, k2, rho**3 * x.log[2])
-    return _with_second(x, n, mu, m2, m4, second, log)
+    return _with_second(n, mu, m2, m4, second, log)
 
 
 RULES: dict[Kind, Rule] = {
