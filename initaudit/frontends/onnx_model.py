@@ -28,6 +28,7 @@ from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from initaudit.errors import LoadError, UsageError
 from initaudit.frontends import protobuf_model_check
+from initaudit.frontends.shapes import feature_width
 from initaudit.graph import Kind, Layer, LayerGraph
 from initaudit.stats import TensorStats, tensor_stats
 
@@ -593,7 +594,7 @@ class _Builder:
         for name in self.real_inputs:
             shape = self.shapes.get(name)
             self._emit(
-                Layer(name, Kind.INPUT, "Input", width=_shape_width(shape, None, rank3="last"), shape=shape),
+                Layer(name, Kind.INPUT, "Input", width=feature_width(shape, None, rank3="last"), shape=shape),
                 [name],
             )
         for i, node in enumerate(self.nodes):
@@ -746,7 +747,7 @@ class _Builder:
             kind=group.kind,
             op="+".join(self.nodes[j].op_type for j in sorted(group.nodes)),
             inputs=inputs,
-            width=self.width_of(group.x) or _shape_width(self.shape(group.out), None),
+            width=self.width_of(group.x) or feature_width(self.shape(group.out), None),
             shape=self.shape(group.out),
             attrs=attrs,
         )
@@ -764,7 +765,7 @@ class _Builder:
         out = n.node.output[0] if n.node.output else ""
         shape = self.shape(out)
         hint = next((w for t in n.signals if (w := self.width_of(t)) is not None), None)
-        width = hint if keep_width and hint is not None else _shape_width(shape, hint)
+        width = hint if keep_width and hint is not None else feature_width(shape, hint)
         return Layer(
             name=n.name,
             kind=kind,
@@ -826,30 +827,6 @@ def _outer_names(g: onnx.GraphProto) -> list[str]:
                 outer.append(t)
         local.update(node.output)
     return outer
-
-
-def _shape_width(
-    shape: tuple[int | None, ...] | None, hint: int | None, rank3: str = "ambiguous"
-) -> int | None:
-    """Feature width from a shape: channels (dim 1) for NC..., last dim for [N, D] / [N, T, D].
-
-    A rank-3 tensor may be [N, C, L] or [N, T, D]; the producer's width (``hint``) decides
-    when it matches either.
-    """
-    if not shape:
-        return hint
-    rank = len(shape)
-    if rank == 1:
-        candidate = shape[0] if hint is None else hint
-    elif rank == 2:
-        candidate = shape[1]
-    elif rank == 3:
-        if rank3 == "ambiguous" and hint is not None and hint in (shape[1], shape[2]):
-            return hint
-        candidate = shape[2]
-    else:
-        candidate = shape[1]
-    return candidate if candidate is not None else hint
 
 
 # --------------------------------------------------------------------------- handlers
