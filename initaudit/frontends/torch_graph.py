@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -817,15 +818,17 @@ class _FxWalker:
         self.group = (path, sig)
         return sig
 
-    def layer_name(self, node: fx.Node, op: str) -> str:
+    def layer_name(self, node: fx.Node, op: str, kw: dict[str, Any]) -> str:
         """The module path that made the op: ``layer3.1.relu`` for an ``nn`` module's only op,
-        ``layer3.1.add`` for an op in a custom module's forward; the fx name at top level."""
+        ``layer3.1.add`` for an op in a custom module's forward. Without a module stack
+        (TorchScript), a layer with a weight takes the weight's prefix; else the fx name."""
         stack = node.meta.get("nn_module_stack") or {}
-        if not stack:
-            return node.name
-        path, cls = list(stack.values())[-1]
+        path, cls = list(stack.values())[-1] if stack else ("", None)
         path = str(path)
         if not path:
+            weight = kw.get("weight", kw.get("mat2"))
+            if isinstance(weight, _Param) and weight.key.endswith(".weight"):
+                return weight.key.removesuffix(".weight")
             return node.name
         leaf = str(getattr(cls, "__module__", cls)).startswith("torch.nn.modules")
         return path if leaf and path not in self.b.by_name else f"{path}.{op}"
@@ -846,7 +849,7 @@ class _FxWalker:
             op = _canonical(node.target)
             kw = _normalized(node.target, op, args, kwargs)
             label = f"aten.{op}" if node.op == "call_function" and "aten" in str(node.target) else op
-            name = self.layer_name(node, op)
+            name = self.layer_name(node, op, kw)
         signals = _signals(kw)
         if op == "embedding" and isinstance(kw.get("weight"), _Param):
             return self.b.add_source(
@@ -927,7 +930,9 @@ def _export(module: nn.Module, example: tuple[Any, ...]) -> Any:
 
     module.forward = tensors_only  # type: ignore[method-assign]
     try:
-        return torch.export.export(module, example, strict=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer chatter is not the user's business
+            return torch.export.export(module, example, strict=False)
     finally:
         del module.forward
 
@@ -1064,7 +1069,9 @@ def graph_from_scripted(
     try:
         from torch._export.converter import TS2EPConverter
 
-        ep = TS2EPConverter(module, example_inputs).convert()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ep = TS2EPConverter(module, example_inputs).convert()
     except Exception as exc:
         raise LoadError(
             source,
