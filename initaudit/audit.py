@@ -4,11 +4,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from initaudit.graph import LayerGraph
-from initaudit.rules import RULES, Finding, Severity, Thresholds, evaluate, has_nonfinite
+from initaudit.rules import (
+    RULES,
+    WEIGHTS_ONLY,
+    Finding,
+    Severity,
+    Thresholds,
+    evaluate,
+    has_nonfinite,
+    is_weights_only,
+)
 from initaudit.stats import match_scheme
 from initaudit.theory.propagate import Prediction, predict
+
+if TYPE_CHECKING:
+    from initaudit.frontends import LoadOptions
 
 #: The rules whose findings make up each verdict.
 VERDICT_RULES = {"fm1": ("IA101", "IA102", "IA301"), "fm2": ("IA201",)}
@@ -43,11 +56,37 @@ class AuditResult:
     findings: list[Finding]
 
     @property
+    def weights_only(self) -> bool:
+        """The file had weights but no architecture: tensors were checked one by one (IA105)."""
+        return is_weights_only(self.graph)
+
+    @property
+    def audit_kind(self) -> str:
+        """What the reports label the audit: "full" or "weights-only"."""
+        return WEIGHTS_ONLY if self.weights_only else "full"
+
+    @property
+    def not_computed_reason(self) -> str | None:
+        """Why FM1/FM2 have no verdict, or None when they have one."""
+        if self.weights_only:
+            return (
+                "weights-only audit: the file has no architecture to propagate through; "
+                "pass --model pkg.module:factory"
+            )
+        if has_nonfinite(self.graph):
+            return "the file holds NaN or Inf weights (IA501)"
+        if not self.prediction.layers:
+            return "nothing to propagate: the graph has no activation and no output"
+        return None
+
+    @property
     def computable(self) -> bool:
-        """No verdict is computed from a file with NaN or Inf weights (IA501 says where)."""
-        return not has_nonfinite(self.graph)
+        """No verdict is computed without an architecture, or from NaN/Inf weights (IA501 says where)."""
+        return self.not_computed_reason is None
 
     def verdict(self, family: str) -> str:
+        """The verdict for "fm1" or "fm2": "pass", "warning", "error", or "not computed"
+        (:attr:`not_computed_reason` says why; :meth:`fails` still judges the findings)."""
         if not self.computable:
             return "not computed"
         worst = max(
@@ -102,8 +141,11 @@ def audit_file(
     input_shape: tuple[int, ...] | None = None,
     thresholds: Thresholds | None = None,
     selection: Selection | None = None,
+    options: LoadOptions | None = None,
 ) -> AuditResult:
+    """Load ``path`` (see :class:`~initaudit.frontends.LoadOptions` for trust, ``--model``
+    and input settings) and audit it. ``input_shape`` overrides ``options.input_shape``."""
     from initaudit.frontends import load_graph
 
-    graph = load_graph(path, input_shape=input_shape)
+    graph = load_graph(path, options, input_shape=input_shape)
     return audit_graph(graph, str(path), thresholds, selection)

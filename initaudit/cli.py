@@ -12,13 +12,16 @@ import traceback
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 
 from initaudit import __version__
 from initaudit.errors import InitauditError, UsageError
+
+if TYPE_CHECKING:
+    from initaudit.frontends import LoadOptions
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
 
@@ -104,6 +107,57 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
     return dims
 
 
+#: Input dtypes by the names users type; values are torch attribute names.
+DTYPES = {
+    **{name: name for name in ("float32", "float16", "bfloat16", "float64", "int64", "int32")},
+    **{"float": "float32", "fp32": "float32", "half": "float16", "fp16": "float16", "bf16": "bfloat16"},
+    **{"double": "float64", "fp64": "float64", "long": "int64", "int": "int32"},
+}
+
+
+def parse_dtype(text: str | None, where: str = "--input-dtype") -> str | None:
+    if not text:
+        return None
+    dtype = DTYPES.get(text.strip().lower().removeprefix("torch."))
+    if dtype is None:
+        raise UsageError(f"{where} {text!r}: expected one of {', '.join(sorted(set(DTYPES.values())))}")
+    return dtype
+
+
+def load_options(
+    input_shape: str | None,
+    input_dtype: str | None,
+    model: str | None,
+    trust_model: bool | None,
+    config_file: Path | None,
+) -> LoadOptions:
+    """Flags over ``[tool.initaudit]``: the config is read from the working directory upward
+    (or --config), never from beside a model, so a downloaded model cannot grant itself trust."""
+    from initaudit.config import load_config
+    from initaudit.frontends import LoadOptions
+
+    config = load_config(config_file)
+    for warning in config.warnings:
+        _stderr().print(f"initaudit: warning: {warning}", markup=False)
+    trust_source = "--trust-model"
+    if trust_model is None and config.trust_model:
+        trust_source = f"trust-model = true in {config.source}"
+        _stderr().print(f"initaudit: note: model files may run code on load ({trust_source})", markup=False)
+    factory = model or config.model
+    if factory:
+        from initaudit.frontends.torch_load import parse_factory
+
+        parse_factory(factory)  # a malformed spec fails now, not after the first file loads
+    return LoadOptions(
+        input_shape=parse_shape(input_shape) or config.input_shape,
+        input_dtype=parse_dtype(input_dtype)
+        or parse_dtype(config.input_dtype, f"input-dtype in {config.source}"),
+        trust_model=bool(config.trust_model if trust_model is None else trust_model),
+        model_factory=factory,
+        trust_source=trust_source,
+    )
+
+
 def _codes(values: list[str] | None) -> list[str]:
     return [code.strip().upper() for value in values or [] for code in value.split(",") if code.strip()]
 
@@ -112,7 +166,13 @@ def _codes(values: list[str] | None) -> list[str]:
 @guarded
 def check(
     paths: Annotated[
-        list[Path], typer.Argument(help="Model files (.onnx).", show_default=False, metavar="MODEL...")
+        list[Path],
+        typer.Argument(
+            help="Model files: .onnx, .pt/.pth (state dict or trusted module), .pt2, TorchScript, "
+            ".safetensors.",
+            show_default=False,
+            metavar="MODEL...",
+        ),
     ],
     output_format: Annotated[Format, typer.Option("--format", "-f", help="Output format.")] = Format.text,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the report here.")] = None,
@@ -122,6 +182,34 @@ def check(
     select: Annotated[list[str] | None, typer.Option(help="Only these rule codes or prefixes.")] = None,
     ignore: Annotated[list[str] | None, typer.Option(help="Skip these rule codes or prefixes.")] = None,
     input_shape: Annotated[str | None, typer.Option(help="Input shape, e.g. 1,3,224,224.")] = None,
+    input_dtype: Annotated[
+        str | None, typer.Option(help="Input dtype for PyTorch modules, e.g. float32 or int64 (token ids).")
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            metavar="MODULE:FACTORY",
+            help="Architecture for a state dict or safetensors file: a callable returning an nn.Module "
+            "(imports your code).",
+        ),
+    ] = None,
+    trust_model: Annotated[
+        bool | None,
+        typer.Option(
+            "--trust-model/--no-trust-model",
+            help="Allow files that run code when loaded (full pickles, TorchScript, .pt2). "
+            "Only for files from a source you trust.",
+            show_default=False,
+        ),
+    ] = None,
+    config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="Read settings from this file instead of the pyproject.toml above the working directory.",
+        ),
+    ] = None,
     exit_zero: Annotated[bool, typer.Option("--exit-zero", help="Exit 0 even with findings.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only findings, one per line.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show every layer and block.")] = False,
@@ -132,8 +220,8 @@ def check(
     from initaudit.rules import Severity
 
     selection = Selection(_codes(select), _codes(ignore))
-    shape = parse_shape(input_shape)
-    results = [audit_file(path, input_shape=shape, selection=selection) for path in paths]
+    options = load_options(input_shape, input_dtype, model, trust_model, config_file)
+    results = [audit_file(path, selection=selection, options=options) for path in paths]
     threshold = Severity.parse(fail_on.value)
 
     if output_format is Format.json:

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
+from initaudit.frontends.weights_only import WEIGHTS_ONLY
 from initaudit.graph import Kind, Layer, LayerGraph
-from initaudit.stats import TensorStats
+from initaudit.stats import TensorStats, match_scheme
 from initaudit.theory.activations import get_activation
 from initaudit.theory.propagate import Prediction
 
@@ -74,14 +76,18 @@ class Rule:
     summary: str
     explanation: str
     check: Callable[[LayerGraph, Prediction, Thresholds], Iterator[Finding]]
+    #: Whether the rule means something without an architecture (a weights-only graph).
+    weights_only: bool = False
 
 
 RULES: dict[str, Rule] = {}
 
 
-def rule(code: str, name: str, severity: Severity, summary: str, explanation: str):
+def rule(
+    code: str, name: str, severity: Severity, summary: str, explanation: str, weights_only: bool = False
+):
     def register(check: Callable[[LayerGraph, Prediction, Thresholds], Iterator[Finding]]):
-        RULES[code] = Rule(code, name, severity, summary, explanation.strip(), check)
+        RULES[code] = Rule(code, name, severity, summary, explanation.strip(), check, weights_only)
         return check
 
     return register
@@ -90,15 +96,38 @@ def rule(code: str, name: str, severity: Severity, summary: str, explanation: st
 def evaluate(
     graph: LayerGraph, prediction: Prediction, thresholds: Thresholds | None = None
 ) -> list[Finding]:
-    """Every finding for ``graph``, most severe first, in rule order within a severity."""
+    """Every finding for ``graph``, most severe first, in rule order within a severity.
+
+    Without a propagated prediction (a weights-only graph) only the rules that judge tensors
+    on their own run: the others would read an empty summary.
+    """
     thresholds = thresholds or Thresholds()
-    findings = [f for r in RULES.values() for f in r.check(graph, prediction, thresholds)]
+    tensors_only = is_weights_only(graph) or not prediction.layers
+    findings = [
+        f
+        for r in RULES.values()
+        if r.weights_only or not tensors_only
+        for f in r.check(graph, prediction, thresholds)
+    ]
     order = list(RULES)
     return sorted(findings, key=lambda f: (-f.severity, order.index(f.code)))
 
 
+def is_weights_only(graph: LayerGraph) -> bool:
+    """A graph of unconnected weight tensors: a state dict audited without its architecture."""
+    return graph.meta.get("audit") == WEIGHTS_ONLY
+
+
 def has_nonfinite(graph: LayerGraph) -> bool:
-    return any(not t.finite for layer in graph for t in _tensors(layer))
+    return any(not t.finite for layer in graph for t in _tensors(layer)) or any(
+        row.get("nonfinite", 0) for row in _skipped(graph)
+    )
+
+
+def _skipped(graph: LayerGraph) -> list[dict[str, Any]]:
+    """Tensors a weights-only graph did not audit for scale; NaN in them still counts."""
+    rows = graph.meta.get("skipped", []) if is_weights_only(graph) else []
+    return [row for row in rows if isinstance(row, dict)]
 
 
 # Helpers ------------------------------------------------------------------------------
@@ -334,6 +363,218 @@ def _bias(graph: LayerGraph, pred: Prediction, th: Thresholds) -> Iterator[Findi
     )
 
 
+# Weights-only audit -----------------------------------------------------------------------
+
+#: The variance x fan-in each fan-in scheme sets: He keeps the length through a ReLU,
+#: LeCun through a linear, tanh-like or normalized layer (THEORY.md section 2).
+HE_GAIN, LECUN_GAIN = 2.0, 1.0
+
+_WEIGHTS_ONLY_LABEL = "weights-only audit (no architecture)"
+
+# Variance laws of the schemes a mis-scaled tensor can match, for the message.
+_SCHEME_LAWS = {
+    "pytorch": "PyTorch's nn.Linear/nn.Conv default, variance 1/(3 fan-in)",
+    "xavier": "variance 2/(fan-in + fan-out)",
+    "he_fan_out": "kaiming mode='fan_out', variance 2/fan-out",
+}
+
+
+@dataclass(frozen=True)
+class ScaleRow:
+    """One weight of a weights-only graph against the schemes its fan-in implies."""
+
+    layer: Layer
+    weight: TensorStats
+    fan_in: int
+    gain: float  # E[w^2] x fan-in: 2 for He, 1 for LeCun, 1/3 for PyTorch's default
+    scheme: str  # what match_scheme says it was drawn from
+    status: str  # "he", "lecun" (within the slack of that scheme), "off", "non-finite" or "zeros"
+
+    @property
+    def vs_he(self) -> float:
+        """Variance over He's 2/fan-in."""
+        return self.gain / HE_GAIN
+
+    @property
+    def vs_lecun(self) -> float:
+        return self.gain / LECUN_GAIN
+
+    @property
+    def to_he(self) -> float:
+        """What to multiply the tensor by to reach He's variance."""
+        return math.sqrt(HE_GAIN / self.gain) if self.gain > 0 else math.inf
+
+    @property
+    def to_lecun(self) -> float:
+        return math.sqrt(LECUN_GAIN / self.gain) if self.gain > 0 else math.inf
+
+
+def scale_rows(graph: LayerGraph, thresholds: Thresholds | None = None) -> list[ScaleRow]:
+    """Every weight of a weights-only graph, in file order, with its He/LeCun comparison.
+
+    A tensor is fine when its variance is within ``scale_factor`` (2x, with IA103's 5% slack)
+    of either scheme; which scheme is right depends on the activation it feeds, which a file
+    without an architecture does not say.
+    """
+    th = thresholds or Thresholds()
+    limit = th.scale_factor / 1.05
+    rows = []
+    for layer in graph.linear_layers():
+        weight = layer.weight
+        if weight is None or not layer.fan_in:
+            continue
+        gain = weight.second_moment * layer.fan_in
+        if not weight.finite:
+            status = "non-finite"
+        elif weight.all_zero or gain == 0:
+            status = "zeros"
+        elif 1 / limit < gain / HE_GAIN < limit or 1 / limit < gain / LECUN_GAIN < limit:
+            # Within reach of both (Xavier on a square matrix): name the nearer one in log.
+            status = "he" if gain > math.sqrt(HE_GAIN * LECUN_GAIN) else "lecun"
+        else:
+            status = "off"
+        scheme = match_scheme(weight, layer.fan_in, layer.fan_out)
+        rows.append(ScaleRow(layer, weight, layer.fan_in, gain, scheme, status))
+    return rows
+
+
+def _scheme_family(scheme: str) -> str:
+    """The family of a scheme name: "pytorch_default" and the short "pytorch" are one law."""
+    if re.fullmatch(r"[a-z]+(_[a-z]+)*", scheme):
+        return scheme.split("_")[0]
+    # "normal(std=0.0199)" and "normal(std=0.02)" are one law; the factor tells them apart.
+    return scheme.split("(", 1)[0]
+
+
+def _law(scheme: str) -> str:
+    if scheme in _SCHEME_LAWS:
+        return _SCHEME_LAWS[scheme]
+    return _SCHEME_LAWS.get(_scheme_family(scheme), "")
+
+
+def _versus(ratio: float, name: str) -> str:
+    return f"{_fmt(1 / ratio)}x below {name}" if ratio < 1 else f"{_fmt(ratio)}x above {name}"
+
+
+@rule(
+    "IA105",
+    "weights-only-scale",
+    Severity.WARNING,
+    "Weights-only audit (no architecture): a weight's variance is >2x off both He and LeCun for its fan-in.",
+    """
+A state dict or safetensors file without its architecture gives no graph to propagate, so
+FM1/FM2 cannot be computed. What can still be judged is each weight's scale against the
+schemes its fan-in implies (PyTorch layout: a weight is (out, in) or (out, in/groups,
+*kernel), fan-in = in x kernel size): He, variance 2/fan-in, is right for a layer feeding a
+ReLU; LeCun, 1/fan-in, for one feeding a linear, tanh-like or normalized layer. Which one
+applies depends on the activation, which the file does not say, so a tensor within 2x of
+either passes. One off both by more than 2x is a warning with the factor to reach He (and
+LeCun): PyTorch's default nn.Linear init (variance 1/(3 fan-in)) is 6x below He and shrinks
+the mean length ~6x per ReLU layer. Tensors that match the same scheme with the same factor
+are reported as one finding listing them (evidence `tensors`): a checkpoint initialized one
+way would otherwise repeat the same line for every layer; the report's tensor table keeps
+each tensor's numbers. An info finding counts the tensors near each scheme.
+Embeddings, normalization parameters, running statistics, integer tensors and parameters not
+named `*.weight` are skipped (the report lists them with the reason).
+Fix: rescale the named tensors, or pass `--model pkg.module:factory` so initaudit can see
+which activation each weight feeds and compute FM1/FM2.
+""",
+    weights_only=True,
+)
+def _weights_only_scale(graph: LayerGraph, pred: Prediction, th: Thresholds) -> Iterator[Finding]:
+    if not is_weights_only(graph):
+        return
+    rows = scale_rows(graph, th)
+    judged = [row for row in rows if row.status in ("he", "lecun", "off")]
+    off = [row for row in judged if row.status == "off"]
+    groups: list[list[ScaleRow]] = []
+    for row in off:
+        group = next(
+            (
+                g
+                for g in groups
+                if _scheme_family(g[0].scheme) == _scheme_family(row.scheme)
+                and abs(row.to_he / g[0].to_he - 1) < 0.1
+            ),
+            None,
+        )
+        if group is None:
+            groups.append([row])
+        else:
+            group.append(row)
+    for group in groups:
+        yield _scale_group_finding(group)
+    if judged:
+        near = {status: sum(row.status == status for row in judged) for status in ("he", "lecun", "off")}
+        schemes: dict[str, int] = {}
+        for row in judged:
+            key = row.scheme if "(" not in row.scheme else _scheme_family(row.scheme)
+            schemes[key] = schemes.get(key, 0) + 1
+        listed = ", ".join(
+            f"{name} {count}" for name, count in sorted(schemes.items(), key=lambda kv: -kv[1])
+        )
+        yield Finding(
+            code="IA105",
+            severity=Severity.INFO,
+            message=(
+                f"{_WEIGHTS_ONLY_LABEL}: {len(judged)} weights checked against the init of their fan-in: "
+                f"{near['he']} near He (2/fan-in), {near['lecun']} near LeCun (1/fan-in), "
+                f"{near['off']} off both by more than {_fmt(th.scale_factor)}x; schemes: {listed}"
+            ),
+            location="",
+            fix="pass `--model pkg.module:factory` to compute FM1/FM2 with the architecture",
+            evidence={"checked": len(judged), **near, "schemes": schemes},
+        )
+
+
+def _scale_group_finding(group: list[ScaleRow]) -> Finding:
+    first = group[0]
+    to_he = sorted(row.to_he for row in group)[len(group) // 2]
+    to_lecun = to_he * math.sqrt(LECUN_GAIN / HE_GAIN)
+    vs_he = 1 / to_he**2
+    law = _law(first.scheme)
+    matched = first.scheme + (f" ({law})" if law else "")
+    if any(row.scheme != first.scheme for row in group):
+        stds = sorted(row.weight.std for row in group)
+        matched = f"{_scheme_family(first.scheme)} (std {_fmt(stds[0])}..{_fmt(stds[-1])})"
+    where = f"{_versus(vs_he, 'He (2/fan-in)')} and {_versus(vs_he * 2, 'LeCun (1/fan-in)')}"
+    names = [row.weight.name for row in group]
+    if len(group) == 1:
+        message = (
+            f"{_WEIGHTS_ONLY_LABEL}: `{first.weight.name}` (std {_fmt(first.weight.std)}, "
+            f"fan-in {first.fan_in}) matches {matched}: variance {_fmt(first.gain)}/fan-in, {where}"
+        )
+        fix = f"multiply `{first.weight.name}` by {_fmt(to_he)} for He (if it feeds a ReLU)"
+    else:
+        listed = ", ".join(f"`{n}`" for n in names[:3]) + (", ..." if len(names) > 3 else "")
+        fans = sorted({row.fan_in for row in group})
+        fan_text = f"fan-in {fans[0]}" if len(fans) == 1 else f"fan-in {fans[0]}..{fans[-1]}"
+        message = (
+            f"{_WEIGHTS_ONLY_LABEL}: {len(group)} weights {listed} ({fan_text}) match {matched}: "
+            f"variance ~{_fmt(HE_GAIN * vs_he)}/fan-in, {where}"
+        )
+        fix = f"multiply each of the {len(group)} weights by ~{_fmt(to_he)} for He (if they feed ReLUs)"
+    about = "~" if len(group) > 1 else ""
+    fix += f" or by {about}{_fmt(to_lecun)} for LeCun (if a linear, tanh-like or normalized layer follows)"
+    fix += "; --model tells which"
+    return Finding(
+        code="IA105",
+        severity=Severity.WARNING,
+        message=message,
+        location=first.weight.name,
+        fix=fix,
+        evidence={
+            "tensors": names,
+            "scheme": first.scheme,
+            "variance_vs_he": vs_he,
+            "multiplier": to_he,
+            "multiplier_lecun": to_lecun,
+            "std": first.weight.std if len(group) == 1 else None,
+            "fan_in": first.fan_in if len(group) == 1 else None,
+        },
+    )
+
+
 # FM2 ----------------------------------------------------------------------------------
 
 
@@ -508,8 +749,19 @@ Any NaN or Inf in a weight, bias or normalization parameter propagates to every 
 No verdict is computed from such a file. Fix: find where the checkpoint was corrupted
 (an overflow in training, a bad cast to float16) and re-export it.
 """,
+    weights_only=True,
 )
 def _nonfinite(graph: LayerGraph, pred: Prediction, th: Thresholds) -> Iterator[Finding]:
+    for row in _skipped(graph):  # embeddings, norm scales: not audited for scale, but NaN is NaN
+        if row.get("nonfinite"):
+            yield Finding(
+                code="IA501",
+                severity=Severity.ERROR,
+                message=f"`{row['name']}` has {row['nonfinite']} non-finite values",
+                location=row["name"],
+                fix=f"re-export the model; `{row['name']}` is corrupted",
+                evidence={"nonfinite": row["nonfinite"]},
+            )
     for layer in graph:
         for tensor in _tensors(layer):
             if not tensor.finite:
@@ -531,19 +783,28 @@ def _nonfinite(graph: LayerGraph, pred: Prediction, th: Thresholds) -> Iterator[
     """
 An all-zero weight outputs only its bias, and all its units get identical gradients, so
 they never differ. Exempt: a residual branch's last layer and the output layer, which
-Fixup and SkipInit zero on purpose.
+Fixup and SkipInit zero on purpose. In a weights-only audit (no architecture) neither can
+be recognized, so the finding is a warning there.
 Fix: initialize it (He for ReLU layers).
 """,
+    weights_only=True,
 )
 def _zero_weight(graph: LayerGraph, pred: Prediction, th: Thresholds) -> Iterator[Finding]:
-    exempt = _branch_last_weights(graph) | _output_weights(graph)
+    blind = is_weights_only(graph)
+    exempt = set() if blind else _branch_last_weights(graph) | _output_weights(graph)
     for layer in graph.linear_layers():
         weight = layer.weight
         if weight is not None and weight.all_zero and weight.name not in exempt:
             yield Finding(
                 code="IA502",
-                severity=Severity.ERROR,
-                message=f"`{weight.name}` is all zeros",
+                severity=Severity.WARNING if blind else Severity.ERROR,
+                message=f"`{weight.name}` is all zeros"
+                + (
+                    f" ({_WEIGHTS_ONLY_LABEL}: it may be an output layer or a residual branch's last"
+                    " layer, zeroed on purpose; --model tells)"
+                    if blind
+                    else ""
+                ),
                 location=weight.name,
                 fix=f"initialize `{weight.name}` with std {_fmt(math.sqrt(2 / (layer.fan_in or 1)))} (He)",
                 evidence={"count": weight.count},
@@ -612,8 +873,10 @@ def _folded(graph: LayerGraph, pred: Prediction, th: Thresholds) -> Iterator[Fin
     "The frontend made an assumption while reading the file.",
     """
 Notes from reading the file: a symbolic dimension set to its default, a failed shape
-inference, an opset converted. The analysis went on; the note says what was assumed.
+inference, an opset converted, no architecture in the file (a weights-only audit). The
+analysis went on; the note says what was assumed.
 """,
+    weights_only=True,
 )
 def _notes(graph: LayerGraph, pred: Prediction, th: Thresholds) -> Iterator[Finding]:
     for note in graph.notes:

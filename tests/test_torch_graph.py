@@ -268,10 +268,12 @@ def test_example_inputs_guess_from_the_first_layer_and_say_so():
     assert guessed_shape_note(mlp, (4, 32)) is None
     (x,) = example_inputs(mlp, (4, 32), "float64")
     assert tuple(x.shape) == (4, 32) and x.dtype == torch.float64
+    (ids,) = example_inputs(nn.Sequential(nn.Embedding(10, 4)), (2, 5), None)
+    assert ids.dtype == torch.int64 and tuple(ids.shape) == (2, 5)
     with pytest.raises(UsageError, match="--input-shape"):
         example_inputs(nn.Sequential(nn.ReLU()), None, None)
     with pytest.raises(UsageError, match="--input-dtype"):
-        example_inputs(mlp, (1, 32), "complex32")
+        example_inputs(mlp, (1, 32), "Tensor")
 
 
 def test_a_module_without_float_input_or_embedding_is_a_load_error():
@@ -287,3 +289,27 @@ def test_module_mode_is_restored():
     model = residual_cnn().train()
     graph_from_module(model, EXAMPLE, source="m", fmt="t")
     assert model.training
+
+
+def test_a_residual_stream_is_measured_from_its_entry_not_through_a_linear_stem():
+    """A patch-embedding-like stem scales the stream once; FM1 is about what depth does."""
+    torch.manual_seed(0)
+    stem = nn.Linear(32, 32, bias=False)
+    nn.init.normal_(stem.weight, std=0.01 / math.sqrt(32))  # E[M] drops 10^4-fold, once
+    blocks = [Block(32, 0.1) for _ in range(4)]
+    for block in blocks:  # biases would swamp a stream this small: a different failure (IA104)
+        for fc in (block.fc1, block.fc2):
+            nn.init.kaiming_normal_(fc.weight, nonlinearity="relu")
+            nn.init.zeros_(fc.bias)
+    plain = nn.Sequential(stem, *blocks)
+    prediction = predict(graph_from_module(plain, (torch.randn(1, 32),), source="m", fmt="t"))
+    factors = math.prod(block.factor for block in prediction.blocks)
+    assert prediction.summary.mean_ratio == pytest.approx(factors, rel=1e-9)
+    assert (
+        audit_graph(graph_from_module(plain, (torch.randn(1, 32),), source="m", fmt="t")).verdict("fm1")
+        == "pass"
+    )
+    # With an activation before the stream, the stem is part of the depth: measured from the input.
+    activated = nn.Sequential(stem, nn.ReLU(), *blocks)
+    prediction = predict(graph_from_module(activated, (torch.randn(1, 32),), source="m", fmt="t"))
+    assert prediction.summary.mean_ratio < 1e-3

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 import zipfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from initaudit.errors import LoadError
@@ -16,6 +17,24 @@ from initaudit.graph import LayerGraph
 LFS_PREFIX = b"version https://git-lfs.github.com/spec/v1"
 ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
 TORCH_FORMATS = ("torch-zip", "torchscript", "pt2", "pickle")
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to turn a file into a graph: what the file alone cannot say, and what the user allows.
+
+    ``trust_model`` lets formats that run code on load (full pickles, TorchScript, ``.pt2``)
+    be loaded; ``trust_source`` says where that permission came from, for the report.
+    ``model_factory`` ("pkg.module:factory") supplies the architecture for a state dict or
+    safetensors file. ``input_dtype`` is a torch dtype name ("float32", "int64").
+    """
+
+    input_shape: tuple[int, ...] | None = None
+    input_dtype: str | None = None
+    trust_model: bool = False
+    model_factory: str | None = None
+    trust_source: str = "--trust-model"
+
 
 # ModelProto field number -> protobuf wire type (0 varint, 2 length-delimited).
 _MODEL_FIELDS = {1: 0, 2: 2, 3: 2, 4: 2, 5: 0, 6: 2, 7: 2, 8: 2, 14: 2, 20: 2, 25: 2, 26: 2}
@@ -138,12 +157,24 @@ def _os_problem(exc: OSError) -> str:
     return f"cannot be read ({exc.strerror or type(exc).__name__})"
 
 
-def load_graph(path: str | Path, input_shape: tuple[int, ...] | None = None) -> LayerGraph:
+def load_graph(
+    path: str | Path,
+    options: LoadOptions | tuple[int, ...] | None = None,
+    *,
+    input_shape: tuple[int, ...] | None = None,
+) -> LayerGraph:
     """Read ``path`` into a :class:`LayerGraph`, choosing the frontend by the file's bytes.
 
-    ``input_shape`` overrides the shape of the model's first input (needed when the file
-    leaves dimensions symbolic). Every failure is a :class:`LoadError` with a one-line reason.
+    ``input_shape`` (also ``options.input_shape``, which it overrides) fixes the shape of the
+    model's first input where the file leaves it open. Every failure is a :class:`LoadError`
+    with a one-line reason; a file that can run code on load is refused unless
+    ``options.trust_model``.
     """
+    if isinstance(options, tuple):  # the old positional ``load_graph(path, input_shape)``
+        options, input_shape = None, options
+    options = options or LoadOptions()
+    if input_shape is not None:
+        options = replace(options, input_shape=input_shape)
     p = Path(path)
     if not p.exists():
         raise LoadError(path, "no such file")
@@ -159,11 +190,52 @@ def load_graph(path: str | Path, input_shape: tuple[int, ...] | None = None) -> 
     if fmt == "onnx":
         from initaudit.frontends.onnx_model import load_onnx
 
-        return load_onnx(p, input_shape=input_shape)
+        graph = load_onnx(p, input_shape=options.input_shape)
+        if options.model_factory:
+            graph.notes.append(f"--model {options.model_factory} ignored: an ONNX file brings its own graph")
+        return graph
     if fmt == "git-lfs-pointer":
         raise LoadError(path, "is a Git LFS pointer, not the model; run `git lfs pull`")
     if fmt in TORCH_FORMATS:
-        raise LoadError(path, f"PyTorch files ({fmt}) are not supported yet; export the model to ONNX")
+        from initaudit.frontends.torch_load import load_torch
+
+        return load_torch(p, fmt, options)
     if fmt == "safetensors":
-        raise LoadError(path, "safetensors files hold weights without a graph; not supported yet")
-    raise LoadError(path, "unrecognized file format (not ONNX, PyTorch or safetensors)")
+        return _load_safetensors(p, options)
+    raise LoadError(path, _unknown_problem(p))
+
+
+def _load_safetensors(p: Path, options: LoadOptions) -> LayerGraph:
+    from initaudit.frontends.safetensors_file import SafetensorsFile
+
+    st = SafetensorsFile(p)  # validates the whole header before torch is even imported
+    from initaudit.frontends import torch_load
+
+    if options.model_factory:
+        return torch_load.load_safetensors_into_model(p, st, options)
+    return torch_load.safetensors_weights_only(p, st)
+
+
+def _unknown_problem(p: Path) -> str:
+    """Say more than "unrecognized" when the leading bytes promise a format the rest breaks."""
+    try:
+        with p.open("rb") as f:
+            head = f.read(9)
+        size = p.stat().st_size
+    except OSError as exc:
+        return _os_problem(exc)
+    if head.startswith(ZIP_MAGICS):
+        try:
+            with zipfile.ZipFile(p):
+                pass
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return "is a zip archive that cannot be opened (truncated or corrupt)"
+        return "is a zip archive but not a PyTorch or ONNX model (no data.pkl, code/ or archive_format)"
+    if len(head) == 9 and head[8:9] == b"{":
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if header_len > size - 8:
+            return (
+                f"looks like safetensors, but its header claims {header_len} bytes and the file "
+                f"has {size - 8} after the length prefix (truncated?)"
+            )
+    return "unrecognized file format (not ONNX, PyTorch or safetensors)"

@@ -19,15 +19,16 @@ can write back.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
+import logging
 import math
 import operator
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from initaudit.errors import LoadError, UsageError
 from initaudit.frontends.shapes import feature_width
@@ -930,11 +931,29 @@ def _export(module: nn.Module, example: tuple[Any, ...]) -> Any:
 
     module.forward = tensors_only  # type: ignore[method-assign]
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer chatter is not the user's business
+        with _quiet():
             return torch.export.export(module, example, strict=False)
     finally:
         del module.forward
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Tracer warnings and log lines (shape specialization, deprecations) are not the
+    user's business: what matters reaches the report as notes."""
+    loggers = [
+        logging.getLogger(name) for name in ("torch._export", "torch.export", "torch.fx", "torch._dynamo")
+    ]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels, strict=True):
+                logger.setLevel(level)
 
 
 def _tensor_leaves(value: Any) -> Iterable[Any]:
@@ -955,7 +974,8 @@ def _graph_by_fx(module: nn.Module, example: tuple[Any, ...], builder: _Builder)
     from torch.fx.passes.shape_prop import ShapeProp
 
     traced = fx.symbolic_trace(module)
-    ShapeProp(traced).propagate(*example)
+    with contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints its own traceback on failure
+        ShapeProp(traced).propagate(*example)
     params: dict[str, _Param] = {}
     for node in traced.graph.nodes:
         if node.op == "get_attr":
@@ -1069,8 +1089,7 @@ def graph_from_scripted(
     try:
         from torch._export.converter import TS2EPConverter
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _quiet():
             ep = TS2EPConverter(module, example_inputs).convert()
     except Exception as exc:
         raise LoadError(
@@ -1089,26 +1108,19 @@ def _reason(exc: BaseException) -> str:
 
 # --------------------------------------------------------------------------- example inputs
 
-_DTYPES = {
-    "float32": "float32", "float": "float32", "fp32": "float32", "float64": "float64", "double": "float64",
-    "float16": "float16", "half": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16",
-    "int64": "int64", "long": "int64", "int32": "int32", "int": "int32",
-}  # fmt: skip
-
 
 def example_inputs(
     module: nn.Module, input_shape: tuple[int, ...] | None, dtype: str | None
 ) -> tuple[Any, ...]:
-    """Inputs to trace ``module`` with: ``--input-shape``/``--input-dtype``, else the module's
-    own ``example_input_array`` (Lightning) or ``example_inputs``, else a guess from its first
-    layer (stated in the graph notes by the caller). Floats are N(0, 1), ids are small integers."""
+    """Inputs to trace ``module`` with: ``--input-shape``/``--input-dtype`` (a torch dtype
+    name, as ``cli.parse_dtype`` gives it), else the module's own ``example_input_array``
+    (Lightning) or ``example_inputs``, else a guess from its first layer (the caller notes it).
+    Floats are N(0, 1); token ids (the default before an embedding) are small integers."""
     import torch
 
-    if dtype is not None and dtype.lower() not in _DTYPES:
-        raise UsageError(
-            f"--input-dtype {dtype!r}: expected one of {', '.join(sorted(set(_DTYPES.values())))}"
-        )
-    torch_dtype = getattr(torch, _DTYPES[dtype.lower()]) if dtype else None
+    torch_dtype = getattr(torch, dtype, None) if dtype else None
+    if dtype and not isinstance(torch_dtype, torch.dtype):
+        raise UsageError(f"--input-dtype {dtype!r} is not a torch dtype")
     if input_shape is None:
         for attr in ("example_input_array", "example_inputs"):
             found = getattr(module, attr, None)
@@ -1117,12 +1129,20 @@ def example_inputs(
             if isinstance(found, tuple | list) and all(isinstance(t, torch.Tensor) for t in found):
                 return tuple(found)
         input_shape, guessed_dtype = _guess_shape(module)
-        torch_dtype = torch_dtype or guessed_dtype
+    else:
+        guessed_dtype = _first_layer_dtype(module)
+    torch_dtype = torch_dtype or guessed_dtype or torch.float32
     generator = torch.Generator().manual_seed(0)
-    torch_dtype = torch_dtype or torch.float32
     if torch_dtype.is_floating_point:
         return (torch.randn(input_shape, generator=generator).to(torch_dtype),)
     return (torch.randint(0, 2, input_shape, generator=generator, dtype=torch_dtype),)
+
+
+def _first_layer_dtype(module: nn.Module) -> Any:
+    try:
+        return _guess_shape(module)[1]
+    except UsageError:
+        return None
 
 
 def _guess_shape(module: nn.Module) -> tuple[tuple[int, ...], Any]:
@@ -1153,13 +1173,3 @@ def guessed_shape_note(module: nn.Module, input_shape: tuple[int, ...] | None) -
     kind = "token ids" if dtype is not None else "inputs"
     shown = ",".join(map(str, shape))
     return f"input shape {shown} ({kind}) was guessed from the first layer; pass --input-shape"
-
-
-def arrays(state: Iterable[tuple[str, Any]]) -> Iterable[tuple[str, np.ndarray]]:
-    """(key, tensor) pairs as float numpy arrays, one at a time (for a weights-only audit)."""
-    import torch
-
-    for key, t in state:
-        if isinstance(t, torch.Tensor) and t.is_floating_point():
-            t = t.detach().cpu()
-            yield key, (t.float() if t.dtype not in (torch.float32, torch.float64) else t).numpy()

@@ -56,7 +56,10 @@ def layer_table(result: AuditResult, verbose: bool = False) -> Table:
     shown = [
         row
         for row in layer_rows(result)
-        if verbose or row[0].is_linear or row[1].tap or row[0].kind in (Kind.NORM, Kind.UNMODELED, Kind.POOL)
+        if row[1] is not None
+        and (
+            verbose or row[0].is_linear or row[1].tap or row[0].kind in (Kind.NORM, Kind.UNMODELED, Kind.POOL)
+        )
     ]
     rows, hidden = _elide(shown, verbose)
     for row in rows:
@@ -82,6 +85,79 @@ def layer_table(result: AuditResult, verbose: bool = False) -> Table:
             fmt(math.sqrt(pred.spread)),
         )
     return table
+
+
+WEIGHTS_ONLY_LABEL = "weights-only audit: no architecture (pass --model pkg.module:factory for FM1/FM2)"
+_STATUS = {
+    "he": ("He", ""),
+    "lecun": ("LeCun", ""),
+    "off": ("off", "yellow"),
+    "non-finite": ("NaN/Inf", "red"),
+}
+
+
+def weights_only_banner() -> Panel:
+    """The label a weights-only report opens with: no reader should take it for a full audit."""
+    return Panel(
+        Text.assemble(
+            (WEIGHTS_ONLY_LABEL, "bold yellow"),
+            "\n",
+            "Each weight is checked against the init its fan-in implies: He 2/fan-in (before a ReLU) "
+            "or LeCun 1/fan-in (linear, tanh-like, normalized); within 2x of either passes.",
+        ),
+        expand=False,
+        border_style="yellow",
+    )
+
+
+def tensor_table(result: AuditResult, verbose: bool = False) -> Table:
+    """The per-tensor table of a weights-only audit, in place of the layer table."""
+    from initaudit.rules import scale_rows
+
+    table = Table(title="Weights (weights-only audit)", title_justify="left", header_style="bold")
+    for column, justify in [
+        ("tensor", "left"),
+        ("shape", "left"),
+        ("fan-in", "right"),
+        ("std", "right"),
+        ("scheme", "left"),
+        ("var / He", "right"),
+        ("near", "left"),
+    ]:
+        # Only tensor names fold: a narrow terminal should not split "pytorch_default" in two.
+        table.add_column(column, justify=justify, overflow="fold", no_wrap=column != "tensor")  # type: ignore[arg-type]
+    rows, hidden = _elide(scale_rows(result.graph), verbose)
+    for row in rows:
+        if row is None:
+            table.add_row(f"... {hidden} more", *[""] * 6, style="dim")
+            continue
+        word, style = _STATUS.get(row.status, (row.status, "red"))
+        table.add_row(
+            row.weight.name,
+            "x".join(map(str, row.weight.shape)),
+            str(row.fan_in),
+            fmt(row.weight.std),
+            row.scheme,
+            Text(fmt(row.vs_he), style=style),
+            Text(word, style=style),
+        )
+    return table
+
+
+def skipped_text(result: AuditResult, verbose: bool = False) -> Text | Table | None:
+    """What a weights-only audit did not check: one line, or every tensor with ``-v``."""
+    rows = [row for row in result.graph.meta.get("skipped", []) if isinstance(row, dict)]
+    if not rows:
+        return None
+    if verbose:
+        table = Table(title=f"Not checked ({len(rows)})", title_justify="left", header_style="bold")
+        for column in ("tensor", "shape", "reason"):
+            table.add_column(column, overflow="fold")
+        for row in rows:
+            table.add_row(row["name"], "x".join(map(str, row["shape"])) or "scalar", row["reason"])
+        return table
+    names = ", ".join(row["name"] for row in rows[:3]) + (", ..." if len(rows) > 3 else "")
+    return Text(f"Not checked: {len(rows)} tensors ({names}; -v lists them with the reason)", style="dim")
 
 
 def block_table(result: AuditResult, verbose: bool = False) -> Table | None:
@@ -113,9 +189,11 @@ def block_table(result: AuditResult, verbose: bool = False) -> Table | None:
 def summary_panel(result: AuditResult) -> Panel:
     s = result.prediction.summary
     fm1, fm2 = result.verdict("fm1"), result.verdict("fm2")
-    if not result.computable:
+    reason = result.not_computed_reason
+    if reason is not None:
+        style = "bold yellow" if result.weights_only else "bold red"
         return Panel(
-            Text("NOT COMPUTED: the file holds NaN or Inf weights (IA501)", style="bold red"),
+            Text.assemble(("FM1/FM2 NOT COMPUTED", style), f": {reason}"),
             title="Verdict",
             title_align="left",
             expand=False,
@@ -178,18 +256,28 @@ def render_console(result: AuditResult, console: Console, verbose: bool = False,
     graph = result.graph
     if not quiet:
         meta = ", ".join(f"{k} {v}" for k, v in graph.meta.items() if k in ("opset", "producer") and v)
+        unit = "weight tensors" if result.weights_only else "layers"
         console.print(
-            Text.assemble(("initaudit ", "bold"), result.path, f"  ({graph.format}, {len(graph)} layers"),
+            Text.assemble(("initaudit ", "bold"), result.path, f"  ({graph.format}, {len(graph)} {unit}"),
             Text(f", {meta})" if meta else ")"),
             sep="",
         )
-        console.print(layer_table(result, verbose))
-        blocks = block_table(result, verbose)
-        if blocks is not None:
-            console.print(blocks)
+        if result.weights_only:
+            console.print(weights_only_banner())
+            console.print(tensor_table(result, verbose))
+            skipped = skipped_text(result, verbose)
+            if skipped is not None:
+                console.print(skipped)
+        else:
+            console.print(layer_table(result, verbose))
+            blocks = block_table(result, verbose)
+            if blocks is not None:
+                console.print(blocks)
         console.print(summary_panel(result))
     findings = result.findings if not quiet else [f for f in result.findings if f.severity > Severity.INFO]
     if quiet:
+        if result.weights_only:  # a quiet pass must not read as a full audit's pass
+            console.print(Text.assemble(f"{result.path}: ", (WEIGHTS_ONLY_LABEL, "yellow")), soft_wrap=True)
         for f in findings:
             line = Text.assemble(f"{result.path}: ", (f"{f.code} ", "bold"), f"{f.severity}: {f.message}")
             console.print(line, soft_wrap=True)

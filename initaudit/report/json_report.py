@@ -62,12 +62,16 @@ def _weight(layer: Layer, schemes: dict[str, str], right: float | None) -> dict[
     }
 
 
-def layer_rows(result: AuditResult) -> list[tuple[Layer, LayerPrediction, float | None]]:
-    """Each layer with its prediction and its weight std relative to the right init."""
+def layer_rows(result: AuditResult) -> list[tuple[Layer, LayerPrediction | None, float | None]]:
+    """Each layer with its prediction and its weight std relative to the right init; the
+    prediction is None throughout when nothing was propagated (a weights-only audit)."""
     from initaudit.rules import right_variance
 
-    rows = []
-    for layer, pred in zip(result.graph, result.prediction.layers, strict=True):
+    rows: list[tuple[Layer, LayerPrediction | None, float | None]] = []
+    predictions: list[LayerPrediction | None] = list(result.prediction.layers)
+    if not predictions:
+        return [(layer, None, None) for layer in result.graph]
+    for layer, pred in zip(result.graph, predictions, strict=True):
         ratio = None
         if layer.weight is not None and layer.fan_in:
             right = right_variance(result.graph, layer)
@@ -75,6 +79,45 @@ def layer_rows(result: AuditResult) -> list[tuple[Layer, LayerPrediction, float 
                 ratio = layer.weight.rms / math.sqrt(right / layer.fan_in)
         rows.append((layer, pred, ratio))
     return rows
+
+
+def tensor_rows(result: AuditResult) -> list[dict[str, Any]]:
+    """The per-tensor table of a weights-only audit (empty for a full audit): each weight
+    against He (2/fan-in) and LeCun (1/fan-in), the schemes its fan-in implies."""
+    from initaudit.rules import scale_rows
+
+    if not result.weights_only:
+        return []
+    return [
+        {
+            "name": row.weight.name,
+            "layer": row.layer.name,
+            "kind": row.layer.kind.value,
+            "shape": list(row.weight.shape),
+            "dtype": row.weight.dtype,
+            "fan_in": row.fan_in,
+            "fan_out": row.layer.fan_out,
+            "std": row.weight.std,
+            "mean": row.weight.mean,
+            "kurtosis": row.weight.kurtosis,
+            "nonfinite": row.weight.nonfinite,
+            "zeros": row.weight.zeros,
+            "scheme": row.scheme,
+            "variance_vs_he": row.vs_he,
+            "variance_vs_lecun": row.vs_lecun,
+            "status": row.status,
+            "multiplier_he": row.to_he if row.status == "off" else None,
+            "bias": row.layer.bias.name if row.layer.bias is not None else None,
+            "bias_std": row.layer.bias.std if row.layer.bias is not None else None,
+        }
+        for row in scale_rows(result.graph)
+    ]
+
+
+def skipped_rows(result: AuditResult) -> list[dict[str, Any]]:
+    """Tensors a weights-only audit did not check for scale, with the reason."""
+    rows = result.graph.meta.get("skipped", []) if result.weights_only else []
+    return [row for row in rows if isinstance(row, dict)]
 
 
 def report_dict(result: AuditResult, fail_on: str = "error") -> dict[str, Any]:
@@ -100,14 +143,17 @@ def report_dict(result: AuditResult, fail_on: str = "error") -> dict[str, Any]:
             "segment": pred.segment,
         }
         for layer, pred, ratio in layer_rows(result)
+        if pred is not None
     ]
     return _clean(
         {
             "path": result.path,
             "format": graph.format,
-            "meta": {k: v for k, v in graph.meta.items() if _plain(v)},
+            "audit": result.audit_kind,
+            "meta": {k: v for k, v in graph.meta.items() if _plain(v) and k not in ("audit", "skipped")},
             "notes": graph.notes,
             "verdicts": {"fm1": result.verdict("fm1"), "fm2": result.verdict("fm2")},
+            "verdict_reason": result.not_computed_reason,
             "summary": {
                 "depth": s.depth,
                 "mean_ratio": s.mean_ratio,
@@ -126,6 +172,8 @@ def report_dict(result: AuditResult, fail_on: str = "error") -> dict[str, Any]:
                 "unmodeled": s.unmodeled,
             },
             "layers": layers,
+            "tensors": tensor_rows(result),
+            "skipped": skipped_rows(result),
             "residual_blocks": [
                 {
                     "add": b.add,

@@ -120,12 +120,46 @@ class Propagator:
         return self._slopes[block.add]
 
 
+def empty_summary() -> Summary:
+    """The summary of a graph with nothing to propagate: every ratio NaN ("not computed")."""
+    nan = math.nan
+    return Summary(
+        depth=0,
+        mean_ratio=nan,
+        worst_ratio=nan,
+        worst_layer="",
+        beta=nan,
+        second_ratio=nan,
+        median=nan,
+        log_mean=nan,
+        log_var=nan,
+        var_hat=nan,
+        sum_eta2=0.0,
+        residual=False,
+        additive=False,
+        normalized=False,
+    )
+
+
+def empty_prediction() -> Prediction:
+    return Prediction(layers=[], blocks=[], summary=empty_summary(), states={})
+
+
 def predict(graph: LayerGraph) -> Prediction:
-    """Propagate the signal through ``graph`` and summarize it (see module docstring)."""
+    """Propagate the signal through ``graph`` and summarize it (see module docstring).
+
+    A weights-only graph (``meta["audit"] == "weights-only"``: tensors without an
+    architecture), or one with no tap and no output to judge, has nothing to propagate: its
+    prediction is empty, with NaN in the summary, and no verdict is computed from it.
+    """
+    if graph.meta.get("audit") == "weights-only" or not graph.layers:
+        return empty_prediction()
     propagator = Propagator(graph)
     states = propagator.run()
     in_branch = {name for block in propagator.blocks.values() for name in block.branch}
     taps, segments, references = _taps(graph, states, in_branch)
+    if not taps:
+        return empty_prediction()
     layers = [_layer_prediction(layer, states[layer.name], taps, segments, references) for layer in graph]
     blocks = [_block_prediction(block, states, propagator) for block in propagator.blocks.values()]
     summary = _summary(graph, states, layers, blocks, taps, in_branch)
@@ -135,24 +169,35 @@ def predict(graph: LayerGraph) -> Prediction:
 def _taps(
     graph: LayerGraph, states: dict[str, SignalState], in_branch: set[str]
 ) -> tuple[set[str], dict[str, int], dict[int, float]]:
-    """Main-path taps, each layer's segment, and each segment's reference length."""
+    """Main-path taps, each layer's segment, and each segment's reference length.
+
+    A segment whose first tap is a residual join reached without an activation (a linear
+    stem, a patch embedding, then a pre-norm stream) is measured from the stream's entry:
+    the stem's constant factor does not compound with depth, and the rest is the stream's.
+    """
+    blocks = {block.add: block for block in graph.residual_blocks()}
     taps: set[str] = set()
     segments: dict[str, int] = {}
     references: dict[int, float] = {0: 1.0}
-    segment, waiting = 0, False
+    segment, waiting, activated = 0, False, False
     for layer in graph:
         main = layer.name not in in_branch
         if main and layer.kind is Kind.NORM:
-            segment, waiting = segment + 1, True
+            segment, waiting, activated = segment + 1, True, False
         segments[layer.name] = segment
         is_tap = main and (
             layer.kind is Kind.ACTIVATION or (layer.kind is Kind.ADD and layer.name not in in_branch)
         )
         if is_tap:
+            first = waiting or not taps
             taps.add(layer.name)
-            if waiting:
+            if first and not activated and layer.name in blocks:
+                references[segment] = states[blocks[layer.name].skip].m2 or 1.0
+                waiting = False
+            elif waiting:
                 references[segment] = states[layer.name].m2 or 1.0
                 waiting = False
+            activated = activated or layer.kind is Kind.ACTIVATION
         if main and layer.kind is Kind.NORM and layer.name == graph.layers[-1].name:
             references[segment] = states[layer.name].m2 or 1.0
     for seg in range(segment + 1):
