@@ -146,6 +146,8 @@ class _Builder:
         self.notes: list[str] = []
         self.inputs: list[str] = []
         self._stats: dict[str, TensorStats] = {}
+        self.node_of: dict[str, str] = {}  # layer name -> the fx node whose output it is
+        self.program: Any = None  # the ExportedProgram traced, for Monte Carlo to run
         self._taken: dict[str, int] = {}
 
     def unique(self, name: str) -> str:
@@ -209,6 +211,9 @@ class _Builder:
         convs = [layer for layer in self.layers if layer.kind is Kind.CONV]
         meta.setdefault("bn_folded", bool(convs) and Kind.NORM not in kinds and any(c.bias for c in convs))
         meta["tensor_stats"] = dict(self._stats)
+        # Private (never serialized): what Monte Carlo needs to run the same graph.
+        meta["_program"] = self.program
+        meta["_nodes"] = dict(self.node_of)
         return LayerGraph(
             layers=self.layers,
             inputs=self.inputs,
@@ -796,6 +801,9 @@ class _FxWalker:
                 self.env[node] = folded
             else:
                 self.env[node] = self.call(node, val)
+            value = self.env.get(node)
+            if isinstance(value, _Sig):  # the last node producing a layer's value is its tap
+                self.b.node_of[value.name] = node.name
         return outputs
 
     def fold_activation_module(self, node: fx.Node) -> Any:
@@ -898,6 +906,7 @@ def graph_from_exported(ep: Any, *, source: str, fmt: str, notes: list[str] | No
     builder.notes.extend(notes or [])
     outputs = _walk_exported(ep, builder)
     _require_signal(builder, source)
+    builder.program = ep
     return builder.graph(outputs, source, fmt, {"extraction": "torch.export"})
 
 
@@ -907,7 +916,8 @@ def _walk_exported(ep: Any, builder: _Builder) -> list[str]:
 
 
 def _graph_by_export(module: nn.Module, example: tuple[Any, ...], builder: _Builder) -> list[str]:
-    return _walk_exported(_export(module, example), builder)
+    builder.program = _export(module, example)
+    return _walk_exported(builder.program, builder)
 
 
 def _require_signal(builder: _Builder, source: str) -> None:

@@ -35,6 +35,12 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _public(key: str) -> bool:
+    """Meta keys the report shows: not the audit kind and skipped list (their own fields) and
+    not private objects (a leading underscore: the traced program)."""
+    return key not in ("audit", "skipped") and not key.startswith("_")
+
+
 def _plain(value: Any) -> bool:
     """Whether ``value`` is JSON data all the way down (meta may hold richer objects)."""
     if isinstance(value, dict):
@@ -150,7 +156,7 @@ def report_dict(result: AuditResult, fail_on: str = "error") -> dict[str, Any]:
             "path": result.path,
             "format": graph.format,
             "audit": result.audit_kind,
-            "meta": {k: v for k, v in graph.meta.items() if _plain(v) and k not in ("audit", "skipped")},
+            "meta": {k: v for k, v in graph.meta.items() if _public(k) and _plain(v)},
             "notes": graph.notes,
             "verdicts": {"fm1": result.verdict("fm1"), "fm2": result.verdict("fm2")},
             "verdict_reason": result.not_computed_reason,
