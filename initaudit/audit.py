@@ -22,6 +22,7 @@ from initaudit.theory.propagate import Prediction, predict
 
 if TYPE_CHECKING:
     from initaudit.frontends import LoadOptions
+    from initaudit.montecarlo.measure import MCOptions, Progress
 
 #: The rules whose findings make up each verdict.
 VERDICT_RULES = {"fm1": ("IA101", "IA102", "IA301"), "fm2": ("IA201",)}
@@ -115,8 +116,19 @@ def audit_graph(
     path: str = "",
     thresholds: Thresholds | None = None,
     selection: Selection | None = None,
+    mc: MCOptions | None = None,
+    progress: Progress | None = None,
 ) -> AuditResult:
+    """Predict, measure when ``mc`` asks for samples, and judge. Monte Carlo that cannot run
+    leaves the analytic report standing, with a note saying why."""
     prediction = predict(graph)
+    if mc is not None and mc.samples:
+        from initaudit.montecarlo.measure import MonteCarloUnavailable, measure
+
+        try:
+            prediction.measured = measure(graph, prediction, mc, progress)
+        except MonteCarloUnavailable as why:
+            graph.notes.append(f"Monte Carlo not run: {why}")
     findings = evaluate(graph, prediction, thresholds)
     if selection is not None:
         findings = [f for f in findings if selection.allows(f.code)]
@@ -142,10 +154,12 @@ def audit_file(
     thresholds: Thresholds | None = None,
     selection: Selection | None = None,
     options: LoadOptions | None = None,
+    mc: MCOptions | None = None,
+    progress: Progress | None = None,
 ) -> AuditResult:
     """Load ``path`` (see :class:`~initaudit.frontends.LoadOptions` for trust, ``--model``
     and input settings) and audit it. ``input_shape`` overrides ``options.input_shape``."""
     from initaudit.frontends import load_graph
 
     graph = load_graph(path, options, input_shape=input_shape)
-    return audit_graph(graph, str(path), thresholds, selection)
+    return audit_graph(graph, str(path), thresholds, selection, mc, progress)

@@ -22,6 +22,7 @@ from initaudit.errors import InitauditError, UsageError
 
 if TYPE_CHECKING:
     from initaudit.frontends import LoadOptions
+    from initaudit.montecarlo.measure import MCOptions
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
 
@@ -38,6 +39,19 @@ app = typer.Typer(
 class Format(StrEnum):
     text = "text"
     json = "json"
+
+
+class Resample(StrEnum):
+    gaussian = "gaussian"
+    bootstrap = "bootstrap"
+    scheme = "scheme"
+    inputs = "inputs"
+
+
+class Device(StrEnum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
 
 
 class FailOn(StrEnum):
@@ -158,6 +172,50 @@ def load_options(
     )
 
 
+def _mc_options(
+    samples: int, resample: Resample, device: Device, seed: int, batch: int | None, curvature: bool
+) -> MCOptions | None:
+    if samples < 0 or samples == 1:
+        raise UsageError(f"--mc {samples}: expected 0 (off) or at least 2 samples")
+    if batch is not None and batch < 1:
+        raise UsageError(f"--mc-batch {batch}: expected a positive number of samples")
+    if not samples and not curvature:
+        return None
+    from initaudit.montecarlo.measure import MCOptions
+
+    return MCOptions(samples, resample.value, device.value, seed, batch, curvature)
+
+
+def _progress(path: Path, options: MCOptions | None) -> Callable[[int, int], None] | None:
+    """Monte Carlo progress on stderr: a rich bar on a terminal, else a line per 10%."""
+    if options is None or not options.samples:
+        return None
+    console = _stderr()
+    if console.is_terminal:
+        from rich.progress import Progress
+
+        bar = Progress(console=console, transient=True)
+        task = bar.add_task(f"Monte Carlo {path.name}", total=options.samples)
+        bar.start()
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done)
+            if done >= total:
+                bar.stop()
+
+        return update
+    shown = [-1]
+
+    def report(done: int, total: int) -> None:
+        tenth = done * 10 // total
+        if tenth > shown[0]:
+            shown[0] = tenth
+            sys.stderr.write(f"initaudit: Monte Carlo {path.name}: {done * 100 // total}% ({done}/{total})\n")
+            sys.stderr.flush()
+
+    return report
+
+
 def _codes(values: list[str] | None) -> list[str]:
     return [code.strip().upper() for value in values or [] for code in value.split(",") if code.strip()]
 
@@ -210,6 +268,23 @@ def check(
             help="Read settings from this file instead of the pyproject.toml above the working directory.",
         ),
     ] = None,
+    mc: Annotated[
+        int,
+        typer.Option(
+            "--mc", metavar="SAMPLES", help="Also measure: run the graph with this many fresh weight draws."
+        ),
+    ] = 0,
+    resample: Annotated[
+        Resample, typer.Option(help="How Monte Carlo draws weights (inputs: weights as they are).")
+    ] = Resample.gaussian,
+    device: Annotated[Device, typer.Option(help="Where Monte Carlo runs.")] = Device.auto,
+    seed: Annotated[int, typer.Option(help="Seed for Monte Carlo draws (results are reproducible).")] = 0,
+    mc_batch: Annotated[
+        int | None, typer.Option(help="Samples per Monte Carlo chunk (default: sized to memory).")
+    ] = None,
+    curvature: Annotated[
+        bool, typer.Option("--curvature", help="Estimate Hessian top eigenvalue, trace and gradient norms.")
+    ] = False,
     exit_zero: Annotated[bool, typer.Option("--exit-zero", help="Exit 0 even with findings.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only findings, one per line.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show every layer and block.")] = False,
@@ -221,7 +296,13 @@ def check(
 
     selection = Selection(_codes(select), _codes(ignore))
     options = load_options(input_shape, input_dtype, model, trust_model, config_file)
-    results = [audit_file(path, selection=selection, options=options) for path in paths]
+    mc_options = _mc_options(mc, resample, device, seed, mc_batch, curvature)
+    results = [
+        audit_file(
+            path, selection=selection, options=options, mc=mc_options, progress=_progress(path, mc_options)
+        )
+        for path in paths
+    ]
     threshold = Severity.parse(fail_on.value)
 
     if output_format is Format.json:

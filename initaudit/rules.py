@@ -739,6 +739,92 @@ def _relu_terminated(graph: LayerGraph, pred: Prediction, th: Thresholds) -> Ite
 # Weight hygiene -----------------------------------------------------------------------
 
 
+#: Beyond this many standard errors, and this far apart in log units, measurement and
+#: prediction disagree.
+_DISAGREE_Z, _DISAGREE_LOG = 4.0, 0.05
+
+
+@rule(
+    "IA401",
+    "prediction-disagrees",
+    Severity.WARNING,
+    "Monte Carlo disagrees with the analytic prediction beyond its statistical error.",
+    """
+With --mc, the real graph runs with freshly drawn weights and the length M_j is measured at
+every tap. Measurement and prediction are compared where the comparison is sound (THEORY.md's
+testing caution): on E ln M and the median everywhere, and on E[M] only where the predicted
+relative spread is below 1 (heavier tails make the sample mean biased low). A difference of
+more than 4 standard errors and more than 5% is reported at the tap where it is largest. The
+measurement runs the actual network, so trust it for the resampled law; the prediction
+assumes independent branches, Gaussian-like pre-activations and pass-through for unmodeled
+ops, and the finding names which of these the graph strains. With --resample inputs (fixed
+weights, random inputs) the two answer different questions and are not compared.
+""",
+)
+def _disagreement(graph: LayerGraph, pred: Prediction, th: Thresholds) -> Iterator[Finding]:
+    measured = pred.measured
+    if measured is None or measured.resample == "inputs":
+        return
+    worst: tuple[float, str, str, float, float, float] | None = None
+    for row in pred.layers:
+        est = measured.taps.get(row.name)
+        if not row.tap or est is None:
+            continue
+        for quantity, predicted, value, se in _comparisons(row, est):
+            if not all(math.isfinite(v) for v in (predicted, value, se)) or se <= 0:
+                continue
+            z = (value - predicted) / se
+            if (
+                abs(z) > _DISAGREE_Z
+                and abs(value - predicted) > _DISAGREE_LOG
+                and (worst is None or abs(z) > abs(worst[0]))
+            ):
+                worst = (z, row.name, quantity, value, se, predicted)
+    if worst is None:
+        return
+    z, layer, quantity, value, se, predicted = worst
+    yield Finding(
+        code="IA401",
+        severity=Severity.WARNING,
+        message=(
+            f"Monte Carlo ({measured.samples} samples, {measured.resample}) disagrees at `{layer}`: "
+            f"{quantity} measured {_fmt(value)} ± {_fmt(se)}, predicted {_fmt(predicted)} ({z:+.1f} se)"
+        ),
+        location=layer,
+        fix="trust the measurement for this network; the prediction " + _strained_assumptions(graph, pred),
+        evidence={
+            "layer": layer,
+            "quantity": quantity,
+            "measured": value,
+            "se": se,
+            "predicted": predicted,
+            "z": z,
+        },
+    )
+
+
+def _comparisons(row: Any, est: Any) -> Iterator[tuple[str, float, float, float]]:
+    """(quantity, predicted, measured, standard error), all in log units."""
+    yield "E ln(M/M0)", row.log_mean, est.log_mean, est.log_mean_se
+    if est.median > 0 and row.median > 0:
+        yield "ln median(M/M0)", math.log(row.median), math.log(est.median), est.median_se / est.median
+    if row.spread < 1 and est.mean > 0 and row.mean > 0:
+        yield "ln E[M/M0]", math.log(row.mean), math.log(est.mean), est.mean_se / est.mean
+
+
+def _strained_assumptions(graph: LayerGraph, pred: Prediction) -> str:
+    reasons = []
+    if pred.summary.unmodeled:
+        reasons.append(f"passes {len(pred.summary.unmodeled)} unmodeled op(s) through unchanged")
+    if pred.blocks:
+        reasons.append("treats each residual branch as independent of its skip")
+    if any(layer.kind is Kind.POOL for layer in graph):
+        reasons.append("treats pooled positions as independent")
+    if not reasons:
+        reasons.append("assumes Gaussian-like pre-activations, which few, wide layers make accurate")
+    return "; ".join(reasons)
+
+
 @rule(
     "IA501",
     "non-finite-weights",

@@ -53,6 +53,10 @@ def layer_table(result: AuditResult, verbose: bool = False) -> Table:
         ("rel. spread", "right"),
     ]:
         table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    measured = result.prediction.measured
+    if measured is not None:
+        table.add_column("MC E[M]/M0", justify="right")
+        table.add_column("MC median", justify="right")
     shown = [
         row
         for row in layer_rows(result)
@@ -64,7 +68,7 @@ def layer_table(result: AuditResult, verbose: bool = False) -> Table:
     rows, hidden = _elide(shown, verbose)
     for row in rows:
         if row is None:
-            table.add_row(f"... {hidden} more", *[""] * 7, style="dim")
+            table.add_row(f"... {hidden} more", *[""] * (len(table.columns) - 1), style="dim")
             continue
         layer, pred, ratio = row
         op = layer.activation or layer.op
@@ -83,8 +87,17 @@ def layer_table(result: AuditResult, verbose: bool = False) -> Table:
             ratio_text,
             mean_text,
             fmt(math.sqrt(pred.spread)),
+            *(_measured_cells(measured.taps.get(layer.name)) if measured is not None else []),
         )
     return table
+
+
+def _measured_cells(estimate: object | None) -> list[str]:
+    """Monte Carlo mean and median with their standard errors; blank where not measured."""
+    if estimate is None:
+        return ["", ""]
+    e = estimate
+    return [f"{fmt(e.mean)} ± {fmt(e.mean_se, 2)}", f"{fmt(e.median)} ± {fmt(e.median_se, 2)}"]  # type: ignore[attr-defined]
 
 
 WEIGHTS_ONLY_LABEL = "weights-only audit: no architecture (pass --model pkg.module:factory for FM1/FM2)"
@@ -219,7 +232,30 @@ def summary_panel(result: AuditResult) -> Panel:
             Text("Residual", style="bold"),
             f"{len(result.prediction.blocks)} blocks, sum eta^2 = {fmt(s.sum_eta2)}",
         )
+    measured = result.prediction.measured
+    if measured is not None:
+        table.add_row(Text("Monte Carlo", style="bold"), _measured_text(result))
     return Panel(table, title="Verdict", title_align="left", expand=False)
+
+
+def _measured_text(result: AuditResult) -> str:
+    """The measured last tap beside the predicted one, and how the run went."""
+    m, s = result.prediction.measured, result.prediction.summary
+    last = next((row.name for row in reversed(result.prediction.layers) if row.tap), None)
+    e = m.taps.get(last) if last else None
+    head = f"{m.samples} samples ({m.resample}, {m.engine}, {m.device}, {m.seconds:.2g} s)"
+    if e is None:
+        return head
+    text = (
+        f"{head}   E[M_L]/M0 = {fmt(e.mean)} ± {fmt(e.mean_se, 2)} (predicted {fmt(s.mean_ratio)})   "
+        f"median = {fmt(e.median)} ± {fmt(e.median_se, 2)} (predicted {fmt(s.median)})   "
+        f"Var ln = {fmt(e.log_var)} ± {fmt(e.log_var_se, 2)} (predicted {fmt(s.log_var)})   "
+        f"E[Var^[M]] = {fmt(m.var_hat[0])} ± {fmt(m.var_hat[1], 2)}"
+    )
+    c = m.curvature
+    if c is not None and hasattr(c, "top_eigenvalue"):
+        text += f"\ncurvature: top Hessian eigenvalue {fmt(c.top_eigenvalue)}, trace {fmt(c.trace)} (medians)"
+    return text
 
 
 def _beta_text(s: Summary) -> str:

@@ -147,6 +147,7 @@ def report_dict(result: AuditResult, fail_on: str = "error") -> dict[str, Any]:
             "median": pred.median,
             "tap": pred.tap,
             "segment": pred.segment,
+            "measured": measured_row(result, layer.name),
         }
         for layer, pred, ratio in layer_rows(result)
         if pred is not None
@@ -178,6 +179,7 @@ def report_dict(result: AuditResult, fail_on: str = "error") -> dict[str, Any]:
                 "unmodeled": s.unmodeled,
             },
             "layers": layers,
+            "monte_carlo": monte_carlo(result),
             "tensors": tensor_rows(result),
             "skipped": skipped_rows(result),
             "residual_blocks": [
@@ -213,6 +215,40 @@ def report_dict(result: AuditResult, fail_on: str = "error") -> dict[str, Any]:
             "fail_on": fail_on,
         }
     )
+
+
+_ESTIMATE_FIELDS = (
+    "mean", "mean_se", "median", "median_se", "log_mean", "log_mean_se", "log_var", "log_var_se",
+    "second", "second_se",
+)  # fmt: skip
+
+
+def measured_row(result: AuditResult, name: str) -> dict[str, Any] | None:
+    """A layer's Monte Carlo estimates, each with its standard error (None without --mc)."""
+    measured = result.prediction.measured
+    estimate = measured.taps.get(name) if measured is not None else None
+    if estimate is None:
+        return None
+    return {key: getattr(estimate, key) for key in _ESTIMATE_FIELDS}
+
+
+def monte_carlo(result: AuditResult) -> dict[str, Any] | None:
+    measured = result.prediction.measured
+    if measured is None:
+        return None
+    curvature = measured.curvature
+    return {
+        "samples": measured.samples,
+        "resample": measured.resample,
+        "device": measured.device,
+        "engine": measured.engine,
+        "seconds": measured.seconds,
+        "samples_per_second": measured.samples_per_second,
+        "var_hat": measured.var_hat[0],
+        "var_hat_se": measured.var_hat[1],
+        "notes": measured.notes,
+        "curvature": curvature.as_dict() if curvature is not None and hasattr(curvature, "as_dict") else None,
+    }
 
 
 def render_json(results: list[AuditResult], fail_on: str = "error") -> str:

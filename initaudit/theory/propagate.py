@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from initaudit.graph import Kind, Layer, LayerGraph, ResidualBlock
 from initaudit.theory.state import SignalState
@@ -77,6 +78,8 @@ class Prediction:
     blocks: list[BlockPrediction]
     summary: Summary
     states: dict[str, SignalState]
+    #: Monte Carlo estimates beside the prediction (``montecarlo.measure.Measurement``), if run.
+    measured: Any = None
 
 
 class Propagator:

@@ -1,0 +1,1 @@
+"""Monte Carlo measurement of signal propagation at initialization (torch only, imported lazily)."""
