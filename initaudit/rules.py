@@ -758,12 +758,14 @@ more than 4 standard errors and more than 5% is reported at the tap where it is 
 measurement runs the actual network, so trust it for the resampled law; the prediction
 assumes independent branches, Gaussian-like pre-activations and pass-through for unmodeled
 ops, and the finding names which of these the graph strains. With --resample inputs (fixed
-weights, random inputs) the two answer different questions and are not compared.
+weights, random inputs), or with BatchNorm (the measured program normalizes by running
+statistics, the prediction as in training), the two answer different questions and are not
+compared.
 """,
 )
 def _disagreement(graph: LayerGraph, pred: Prediction, th: Thresholds) -> Iterator[Finding]:
     measured = pred.measured
-    if measured is None or measured.resample == "inputs":
+    if measured is None or measured.resample == "inputs" or not measured.comparable:
         return
     worst: tuple[float, str, str, float, float, float] | None = None
     for row in pred.layers:

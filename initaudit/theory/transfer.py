@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from initaudit.graph import Kind, Layer
+from initaudit.stats import TensorStats
 from initaudit.theory.activations import get_activation
 from initaudit.theory.special import log_gamma_matched, log_relu_average
 from initaudit.theory.state import Law, SignalState
@@ -75,10 +76,25 @@ def linear(layer: Layer, inputs: list[SignalState], ctx: Context) -> SignalState
         q = math.exp(k1)
         rho = gain * q / (gain * q + vb)
         log = (math.log(gain * q + vb), rho**2 * k2, rho**3 * k3)
-    mu = bias.mean if bias is not None and bias.finite else 0.0
+    mu = _significant_mean(bias)
     width = layer.width or x.width
     law = Law(mean=mu, variance=max(m2 - mu * mu, 0.0))
     return SignalState(width=width, mu=mu, m2=m2, m4=m4, c22=c22, log=log, fresh=True, law=law)
+
+
+#: A bias mean within this many standard errors of zero is the noise of a zero-mean draw.
+MEAN_SIGMAS = 4.0
+
+
+def _significant_mean(bias: TensorStats | None) -> float:
+    """The bias's mean when it is a real shift (a constant or deliberately offset bias), else 0:
+    the sample mean of a zero-mean init (PyTorch's uniform default) is noise, not a shift, and
+    Monte Carlo draws it as zero-mean too."""
+    if bias is None or not bias.finite or not bias.count:
+        return 0.0
+    if bias.std == 0 or abs(bias.mean) > MEAN_SIGMAS * bias.std / math.sqrt(bias.count):
+        return bias.mean
+    return 0.0
 
 
 def activation(layer: Layer, inputs: list[SignalState], ctx: Context) -> SignalState:
