@@ -32,6 +32,7 @@ def test_shortcut_measures_the_narrow_deep_sample_like_theory(samples, capsys):
 
 
 def test_ensemble_runs_the_residual_onnx_sample_through_onnx2torch(samples, capsys):
+    pytest.importorskip("onnx2torch")
     code, report = _report(capsys, str(samples / "residual_mlp_scaled.onnx"), "--mc", "300", "--seed", "3")
     mc = report["monte_carlo"]
     assert mc["engine"] == "ensemble" and any("onnx2torch" in note for note in mc["notes"])

@@ -36,13 +36,16 @@ scales) what it must keep.
 
 Last, the export. onnx2torch's shape ops (Reshape, Slice, Expand, Unsqueeze...) read their
 shape operands' *values* in Python (``.tolist()``, ``.numpy()``, ``torch.Size(t)``), which
-torch.export, tracing with fake tensors, cannot follow. Those operands are constants, so each
-module reading one is first traced on its own with real values and replaced by the trace
-(:func:`_specialize`); should export still meet a data-dependent guard, it is retried with
-real values propagated beside the fake ones, and the asserts left behind are dropped once
-shown to test constants only. The program is then checked against onnx2torch's own module on
-a second input (:func:`_verify`): anything that silently fixed a value of the signal fails
-there, loudly.
+torch.export, tracing with fake tensors, cannot follow. The program is exported for one input
+shape, so those operands are constants: first the ONNX graph's constant subgraphs (shapes
+included) are evaluated with onnx's reference evaluator (:func:`_fold_constants`; this also
+removes ops onnx2torch lacks, such as the ``Trilu`` of GPT-2's causal mask), then each module
+still reading a constant operand is traced on its own with real values and replaced by the
+trace (:func:`_specialize`). Should export still meet a data-dependent guard, it is retried
+with real values propagated beside the fake ones, and the asserts left behind are dropped
+once shown to test constants only. The program is then checked against onnx2torch's own
+module on a second input (:func:`_verify`): anything that silently fixed a value of the
+signal fails there, loudly.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ import threading
 import types
 import warnings
 from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -102,8 +106,6 @@ _SHIELDABLE = (
     "Size",
     "Constant",
 )
-#: Marks an initializer made by folding constants (a mask, a shape): never a weight.
-_COMPUTED = "initaudit: computed constant"
 _SUBGRAPH_ATTRS = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
 
 #: (ONNX op, input index) -> the attribute name the converted module stores it under.
@@ -208,21 +210,25 @@ def onnx_program(
     inputs = _example_inputs(proto, source, input_shape)
     probe = _example_inputs(proto, source, input_shape, seed=1)
     _fold_constant_nodes(proto)
-    _fold_constants(proto, notes)
+    computed = _fold_constants(proto, notes)
     o2t = _import_onnx2torch()
     proto = _convertible(proto, notes)
     _refuse_torchvision_ops(proto)
     module, onnx_nodes = _convert(o2t, proto)
     module.eval()
     with torch.no_grad():
-        init_map = _initializer_map(module, proto, onnx_nodes, notes)
-        with _quiet():
-            expected = [module(*inputs), module(*probe)]
-        _specialize(module, inputs, onnx_nodes)
+        init_map = _initializer_map(module, proto, onnx_nodes, notes, computed)
+        try:
+            with _quiet():
+                expected = [module(*inputs), module(*probe)]
+            _specialize(module, inputs, onnx_nodes)
+        except Exception as exc:  # onnx2torch's own module fails to run
+            raise _locate_failure(module, onnx_nodes, exc, "PyTorch cannot run") from None
     program = _export(module, inputs, onnx_nodes)
     _verify(program, [inputs, probe], expected)
     state = program.state_dict
-    init_map = {name: key for name, key in init_map.items() if key in state}
+    # Folded masks and shapes are no initializers of the file: they stay out of the map.
+    init_map = {name: key for name, key in init_map.items() if key in state and name not in computed}
     if value_nodes is not None:
         value_nodes.update(_value_nodes(program, proto, onnx_nodes))
     return program, init_map
@@ -363,7 +369,7 @@ def _used_names(graph: onnx.GraphProto) -> set[str]:
     return used
 
 
-def _fold_constants(proto: onnx.ModelProto, notes: list[str]) -> None:
+def _fold_constants(proto: onnx.ModelProto, notes: list[str]) -> set[str]:
     """Evaluate, with onnx's reference evaluator, the nodes whose inputs are all known now.
 
     Known: initializers, and shapes, since the program is exported for one input shape (so
@@ -374,6 +380,8 @@ def _fold_constants(proto: onnx.ModelProto, notes: list[str]) -> None:
     onnx2torch needs the result as an initializer: a Conv weight or bias given by an
     ``Identity`` alias (exporters alias equal tensors, such as the zero biases) or by weight
     normalization. Those become tensors of their own, and a note says so.
+
+    Returns the names of the other folded values (masks, shapes): never weights.
     """
     graph = proto.graph
     weights = _weights(graph)
@@ -428,14 +436,11 @@ def _fold_constants(proto: onnx.ModelProto, notes: list[str]) -> None:
             continue
         for name, array in zip([o for o in node.output if o], result, strict=True):
             folded[name] = np.asarray(array)
-            tensor = numpy_helper.from_array(np.asarray(array), name)
+            graph.initializer.append(numpy_helper.from_array(np.asarray(array), name))
             if from_weights:
                 materialized.append(name)
-            else:  # a mask or a shape: never resampled (see _weights)
-                tensor.doc_string = _COMPUTED
-            graph.initializer.append(tensor)
     if len(keep) == len(graph.node):
-        return
+        return set()
     del graph.node[:]
     graph.node.extend(keep)
     used = _used_names(graph) | outputs
@@ -451,6 +456,7 @@ def _fold_constants(proto: onnx.ModelProto, notes: list[str]) -> None:
             f"{len(materialized)} Conv weight(s) computed in the graph ({shown}: aliases or weight "
             "normalization) became tensors of their own; resampling draws them independently"
         )
+    return set(folded) - set(materialized)
 
 
 # --------------------------------------------------------------------------- onnx2torch
@@ -770,7 +776,11 @@ def _uses(
 
 
 def _initializer_map(
-    module: fx.GraphModule, proto: onnx.ModelProto, onnx_nodes: dict[str, onnx.NodeProto], notes: list[str]
+    module: fx.GraphModule,
+    proto: onnx.ModelProto,
+    onnx_nodes: dict[str, onnx.NodeProto],
+    notes: list[str],
+    computed: AbstractSet[str] = frozenset(),
 ) -> dict[str, str]:
     """{ONNX initializer -> state-dict key}, merging duplicate buffers and promoting weights.
 
@@ -853,7 +863,7 @@ def _initializer_map(
             keys.setdefault(name, []).append(key)
 
     # Weights become parameters, so that resampling redraws exactly the program's parameters.
-    for name in _weights(graph):
+    for name in _weights(graph) - computed:
         target = keys.get(name, [""])[0]
         if target.startswith("initializers.") and torch.is_floating_point(module.get_buffer(target)):
             attr = target.split(".", 1)[1]
@@ -905,10 +915,7 @@ def _weights(graph: onnx.GraphProto) -> set[str]:
     return {
         t.name
         for t in graph.initializer
-        if t.data_type in _om._FLOAT_TYPES
-        and not t.doc_string.startswith(_COMPUTED)
-        and weight(t.name)
-        and not _is_mask(t)
+        if t.data_type in _om._FLOAT_TYPES and weight(t.name) and not _is_mask(t)
     }
 
 
@@ -1122,7 +1129,6 @@ def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
 def _export(module: fx.GraphModule, inputs: tuple[Any, ...], onnx_nodes: dict[str, onnx.NodeProto]) -> Any:
     """torch.export (non-strict); again with real values beside the fake ones when an op reads
     a constant's values (``torch.Size(shape)``, ``shape.tolist()``, ``if torch.any(shape == 0)``)."""
-
     try:
         with _quiet():
             return torch.export.export(module, inputs, strict=False)
@@ -1134,10 +1140,8 @@ def _export(module: fx.GraphModule, inputs: tuple[Any, ...], onnx_nodes: dict[st
         with _quiet(), functorch_config.patch(fake_tensor_propagate_real_tensors=True):
             program = torch.export.export(module, inputs, strict=False)
     except Exception as exc:
-        located = _locate_export_failure(module, onnx_nodes, exc)
-        raise (
-            located if located.op is not None else _locate_export_failure(module, onnx_nodes, first)
-        ) from None
+        located = _locate_failure(module, onnx_nodes, exc)
+        raise (located if located.op is not None else _locate_failure(module, onnx_nodes, first)) from None
     _drop_constant_asserts(program, onnx_nodes)
     return program
 
@@ -1192,10 +1196,9 @@ def _placeholder_ancestors(node: Any) -> set[str]:
 
 def _owner(node: Any) -> str | None:
     """The top-level module (= converted ONNX node) that made an exported node."""
-    stack = node.meta.get("nn_module_stack") or {}
-    for path, _cls in stack.values():
-        if path:
-            return str(path).split(".")[0]
+    owner = _owner_of_own(node)
+    if owner is not None:
+        return owner
     for inp in node.all_input_nodes:  # asserts carry no stack: ask what they test
         owner = _owner(inp)
         if owner is not None:
@@ -1203,10 +1206,14 @@ def _owner(node: Any) -> str | None:
     return None
 
 
-def _locate_export_failure(
-    module: fx.GraphModule, onnx_nodes: dict[str, onnx.NodeProto], exc: BaseException
+def _locate_failure(
+    module: fx.GraphModule,
+    onnx_nodes: dict[str, onnx.NodeProto],
+    exc: BaseException,
+    doing: str = "torch.export cannot trace",
 ) -> ConversionError:
-    """Name the ONNX node whose module was running when torch.export gave up."""
+    """Name the ONNX node whose module was running when ``exc`` was raised (the innermost
+    frame whose ``self`` is one of the converted modules)."""
     by_id = {id(m): name for name, m in module.named_children()}
     owner = None
     tb = exc.__traceback__
@@ -1218,12 +1225,10 @@ def _locate_export_failure(
     problem = _om._one_line(exc, 300)
     node = onnx_nodes.get(owner or "")
     if node is None:
-        return ConversionError(f"torch.export cannot trace the converted model: {problem}")
+        return ConversionError(f"{doing} the converted model: {problem}")
     op = _op_name(node.domain, node.op_type)
     return ConversionError(
-        f"torch.export cannot trace node {node.name!r} (op {op}) of the converted model: {problem}",
-        op=op,
-        node=node.name,
+        f"{doing} node {node.name!r} (op {op}) of the converted model: {problem}", op=op, node=node.name
     )
 
 
