@@ -941,19 +941,27 @@ def _export(module: nn.Module, example: tuple[Any, ...]) -> Any:
 
     module.forward = tensors_only  # type: ignore[method-assign]
     try:
-        with _quiet():
+        with quiet_tracers():
             return torch.export.export(module, example, strict=False)
     finally:
         del module.forward
 
 
+#: Loggers torch's tracers chatter on.
+TRACER_LOGGERS = (
+    "torch._export",
+    "torch.export",
+    "torch.fx",
+    "torch._dynamo",
+    "torch.fx.experimental.symbolic_shapes",
+)
+
+
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet_tracers() -> Iterator[None]:
     """Tracer warnings and log lines (shape specialization, deprecations) are not the
     user's business: what matters reaches the report as notes."""
-    loggers = [
-        logging.getLogger(name) for name in ("torch._export", "torch.export", "torch.fx", "torch._dynamo")
-    ]
+    loggers = [logging.getLogger(name) for name in TRACER_LOGGERS]
     levels = [logger.level for logger in loggers]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -1099,7 +1107,7 @@ def graph_from_scripted(
     try:
         from torch._export.converter import TS2EPConverter
 
-        with _quiet():
+        with quiet_tracers():
             ep = TS2EPConverter(module, example_inputs).convert()
     except Exception as exc:
         raise LoadError(

@@ -52,13 +52,11 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import logging
 import math
 import re
 import sys
 import threading
 import types
-import warnings
 from collections.abc import Iterator
 from collections.abc import Set as AbstractSet
 from pathlib import Path
@@ -73,6 +71,7 @@ from onnx.reference import ReferenceEvaluator
 
 from initaudit.errors import InitauditError, LoadError, UsageError
 from initaudit.frontends import onnx_model as _om
+from initaudit.frontends.torch_graph import quiet_tracers
 
 if TYPE_CHECKING:
     from torch import fx, nn
@@ -219,7 +218,7 @@ def onnx_program(
     with torch.no_grad():
         init_map = _initializer_map(module, proto, onnx_nodes, notes, computed)
         try:
-            with _quiet():
+            with quiet_tracers():
                 expected = [module(*inputs), module(*probe)]
             _specialize(module, inputs, onnx_nodes)
         except Exception as exc:  # onnx2torch's own module fails to run
@@ -692,7 +691,7 @@ def _convert(
     """onnx2torch's GraphModule (from the in-memory proto) and {module name -> ONNX node}."""
     from onnx2torch.onnx_graph import OnnxGraph
 
-    with _quiet():
+    with quiet_tracers():
         try:
             module = o2t.convert(proto, attach_onnx_mapping=True)
         except Exception as exc:
@@ -1027,7 +1026,7 @@ def _specialize(
                     pass  # left as it is: the export then says which op it cannot trace
             return super().run_node(node)
 
-    with _quiet():
+    with quiet_tracers():
         _Tracer(module).run(*inputs)
     for node, (traced, signals) in traces.items():
         module.add_module(str(node.target), traced)
@@ -1130,14 +1129,14 @@ def _export(module: fx.GraphModule, inputs: tuple[Any, ...], onnx_nodes: dict[st
     """torch.export (non-strict); again with real values beside the fake ones when an op reads
     a constant's values (``torch.Size(shape)``, ``shape.tolist()``, ``if torch.any(shape == 0)``)."""
     try:
-        with _quiet():
+        with quiet_tracers():
             return torch.export.export(module, inputs, strict=False)
     except Exception as exc:
         first = exc
     try:
         import torch._functorch.config as functorch_config
 
-        with _quiet(), functorch_config.patch(fake_tensor_propagate_real_tensors=True):
+        with quiet_tracers(), functorch_config.patch(fake_tensor_propagate_real_tensors=True):
             program = torch.export.export(module, inputs, strict=False)
     except Exception as exc:
         located = _locate_failure(module, onnx_nodes, exc)
@@ -1230,29 +1229,6 @@ def _locate_failure(
     return ConversionError(
         f"{doing} node {node.name!r} (op {op}) of the converted model: {problem}", op=op, node=node.name
     )
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Tracer warnings and log lines (real-value guards, deprecations) are not the user's business."""
-    names = (
-        "torch._export",
-        "torch.export",
-        "torch.fx",
-        "torch._dynamo",
-        "torch.fx.experimental.symbolic_shapes",
-    )
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [logger.level for logger in loggers]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for logger in loggers:
-            logger.setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            for logger, level in zip(loggers, levels, strict=True):
-                logger.setLevel(level)
 
 
 # --------------------------------------------------------------------------- taps
