@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from pathlib import Path
 
@@ -447,7 +448,9 @@ def test_git_lfs_pointer_and_pytorch_files(tmp_path: Path) -> None:
     pickle_file = tmp_path / "model.onnx.bak"
     pickle_file.write_bytes(b"\x80\x04\x95" + b"\x00" * 20)
     assert sniff(pickle_file) == "pickle"
-    with pytest.raises(LoadError, match=r"not a readable PyTorch checkpoint"):
+    # With torch: the corrupt pickle is named; without: the install that reads PyTorch files.
+    expected = "not a readable PyTorch checkpoint" if importlib.util.find_spec("torch") else "needs torch"
+    with pytest.raises(LoadError, match=expected):
         load_graph(pickle_file)
 
 
