@@ -937,7 +937,7 @@ def _export(module: nn.Module, example: tuple[Any, ...]) -> Any:
 
     @functools.wraps(forward)
     def tensors_only(*args: Any) -> tuple[Any, ...]:
-        return tuple(_tensor_leaves(forward(*args)))
+        return tuple(tensor_leaves(forward(*args)))
 
     module.forward = tensors_only  # type: ignore[method-assign]
     try:
@@ -974,17 +974,18 @@ def quiet_tracers() -> Iterator[None]:
                 logger.setLevel(level)
 
 
-def _tensor_leaves(value: Any) -> Iterable[Any]:
+def tensor_leaves(value: Any) -> Iterable[Any]:
+    """The tensors in a (nested) output: tuples, lists and dicts, as models return them."""
     import torch
 
     if isinstance(value, torch.Tensor):
         yield value
     elif isinstance(value, list | tuple):
         for item in value:
-            yield from _tensor_leaves(item)
+            yield from tensor_leaves(item)
     elif isinstance(value, dict):  # also transformers' ModelOutput
         for item in value.values():
-            yield from _tensor_leaves(item)
+            yield from tensor_leaves(item)
 
 
 def _graph_by_fx(module: nn.Module, example: tuple[Any, ...], builder: _Builder) -> list[str]:

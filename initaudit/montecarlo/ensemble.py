@@ -37,6 +37,8 @@ from typing import Any
 import torch
 from torch import fx
 
+from initaudit.frontends.torch_graph import tensor_leaves
+
 #: Bytes of sampled state (parameters and activations) one chunk may hold, per device kind.
 #: Fixed rather than read from free memory, so a seed gives the same chunks on every machine.
 #: On CPU the time goes to drawing random numbers (torch's normal_ at ~4-6 ns an entry); small
@@ -93,9 +95,7 @@ def activation_bytes(program: Any) -> int:
     for node in program.graph_module.graph.nodes:
         if node.op != "call_function":
             continue
-        for value in _leaves(node.meta.get("val")):
-            if isinstance(value, torch.Tensor):
-                total += value.numel() * value.element_size()
+        total += sum(t.numel() * t.element_size() for t in tensor_leaves(node.meta.get("val")))
     return total
 
 
@@ -219,18 +219,12 @@ class _TapRecorder(fx.Interpreter):
 
 
 def _mean_square(value: Any) -> torch.Tensor:
-    tensor = next((t for t in _leaves(value) if isinstance(t, torch.Tensor)), None)
+    tensor = next(iter(tensor_leaves(value)), None)
     if tensor is None or not tensor.is_floating_point():
         return torch.tensor(math.nan, dtype=torch.float64)
     # float64 before squaring: a vanishing signal's squares underflow float32 long before it is 0.
     wide = tensor.to(torch.float64)
     return (wide * wide).mean()
-
-
-def _leaves(value: Any) -> list[Any]:
-    if isinstance(value, (tuple, list)):
-        return [leaf for item in value for leaf in _leaves(item)]
-    return [value]
 
 
 def _lifted(

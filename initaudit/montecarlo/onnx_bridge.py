@@ -71,7 +71,7 @@ from onnx.reference import ReferenceEvaluator
 
 from initaudit.errors import InitauditError, LoadError, UsageError
 from initaudit.frontends import onnx_model as _om
-from initaudit.frontends.torch_graph import quiet_tracers
+from initaudit.frontends.torch_graph import quiet_tracers, tensor_leaves
 
 if TYPE_CHECKING:
     from torch import fx, nn
@@ -1087,7 +1087,7 @@ def _verify(program: Any, inputs: list[tuple[Any, ...]], expected: list[Any]) ->
     for which, (args, want) in enumerate(zip(inputs, expected, strict=True)):
         with torch.no_grad():
             got = run(*args)
-        got_leaves, want_leaves = list(_leaves(got)), list(_leaves(want))
+        got_leaves, want_leaves = list(tensor_leaves(got)), list(tensor_leaves(want))
         if len(got_leaves) != len(want_leaves):
             raise ConversionError(
                 f"the exported program returns {len(got_leaves)} tensors, "
@@ -1101,14 +1101,6 @@ def _verify(program: Any, inputs: list[tuple[Any, ...]], expected: list[Any]) ->
                     "some op's output depends on the input's values in a way the export fixed "
                     "(data-dependent shapes or control flow)"
                 )
-
-
-def _leaves(value: Any) -> Iterator[Any]:
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, list | tuple):
-        for item in value:
-            yield from _leaves(item)
 
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
