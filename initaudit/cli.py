@@ -21,6 +21,7 @@ from initaudit import __version__
 from initaudit.errors import InitauditError, UsageError
 
 if TYPE_CHECKING:
+    from initaudit.audit import Selection
     from initaudit.frontends import LoadOptions
     from initaudit.montecarlo.measure import MCOptions
 
@@ -58,6 +59,11 @@ class FailOn(StrEnum):
     info = "info"
     warning = "warning"
     error = "error"
+
+
+class ResidualScale(StrEnum):
+    sqrt = "sqrt"
+    zero = "zero"
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -220,54 +226,83 @@ def _codes(values: list[str] | None) -> list[str]:
     return [code.strip().upper() for value in values or [] for code in value.split(",") if code.strip()]
 
 
+# Options shared by several commands: one definition each (typer reads the Annotated metadata).
+FormatOption = Annotated[Format, typer.Option("--format", "-f", help="Output format.")]
+FailOnOption = Annotated[FailOn, typer.Option(help="Exit 1 when a finding is at or above this.")]
+SelectOption = Annotated[list[str] | None, typer.Option(help="Only these rule codes or prefixes.")]
+IgnoreOption = Annotated[list[str] | None, typer.Option(help="Skip these rule codes or prefixes.")]
+InputShapeOption = Annotated[str | None, typer.Option(help="Input shape, e.g. 1,3,224,224.")]
+InputDtypeOption = Annotated[
+    str | None, typer.Option(help="Input dtype for PyTorch modules, e.g. float32 or int64 (token ids).")
+]
+ModelOption = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        metavar="MODULE:FACTORY",
+        help="Architecture for a state dict or safetensors file: a callable returning an nn.Module "
+        "(imports your code).",
+    ),
+]
+TrustOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--trust-model/--no-trust-model",
+        help="Allow files that run code when loaded (full pickles, TorchScript, .pt2). "
+        "Only for files from a source you trust.",
+        show_default=False,
+    ),
+]
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        help="Read settings from this file instead of the pyproject.toml above the working directory.",
+    ),
+]
+SeedOption = Annotated[int, typer.Option(help="Seed for everything random (results are reproducible).")]
+ResidualScaleOption = Annotated[
+    ResidualScale,
+    typer.Option(help="Fixing residual branches: eta = 1/sqrt(L) (sqrt), or a zero last layer (zero)."),
+]
+DryRunOption = Annotated[bool, typer.Option("--dry-run", help="Show the fix plan, write nothing.")]
+RedrawOption = Annotated[
+    bool,
+    typer.Option("--redraw", help="Fix by drawing fresh weights, not rescaling the existing ones."),
+]
+InPlaceOption = Annotated[bool, typer.Option("--in-place", help="Write the fixed model over the input.")]
+ForceOption = Annotated[bool, typer.Option("--force", help="Replace an existing fixed-model output.")]
+ExitZeroOption = Annotated[bool, typer.Option("--exit-zero", help="Exit 0 even with findings.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Only findings, one per line.")]
+VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Show every layer and block.")]
+DebugOption = Annotated[bool, typer.Option(help="Show tracebacks for errors.")]
+ModelPaths = Annotated[
+    list[Path],
+    typer.Argument(
+        help="Model files: .onnx, .pt/.pth (state dict or trusted module), .pt2, TorchScript, .safetensors.",
+        show_default=False,
+        metavar="MODEL...",
+    ),
+]
+
+
 @app.command()
 @guarded
 def check(
-    paths: Annotated[
-        list[Path],
-        typer.Argument(
-            help="Model files: .onnx, .pt/.pth (state dict or trusted module), .pt2, TorchScript, "
-            ".safetensors.",
-            show_default=False,
-            metavar="MODEL...",
-        ),
-    ],
-    output_format: Annotated[Format, typer.Option("--format", "-f", help="Output format.")] = Format.text,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the report here.")] = None,
-    fail_on: Annotated[
-        FailOn, typer.Option(help="Exit 1 when a finding is at or above this.")
-    ] = FailOn.error,
-    select: Annotated[list[str] | None, typer.Option(help="Only these rule codes or prefixes.")] = None,
-    ignore: Annotated[list[str] | None, typer.Option(help="Skip these rule codes or prefixes.")] = None,
-    input_shape: Annotated[str | None, typer.Option(help="Input shape, e.g. 1,3,224,224.")] = None,
-    input_dtype: Annotated[
-        str | None, typer.Option(help="Input dtype for PyTorch modules, e.g. float32 or int64 (token ids).")
-    ] = None,
-    model: Annotated[
-        str | None,
-        typer.Option(
-            "--model",
-            metavar="MODULE:FACTORY",
-            help="Architecture for a state dict or safetensors file: a callable returning an nn.Module "
-            "(imports your code).",
-        ),
-    ] = None,
-    trust_model: Annotated[
-        bool | None,
-        typer.Option(
-            "--trust-model/--no-trust-model",
-            help="Allow files that run code when loaded (full pickles, TorchScript, .pt2). "
-            "Only for files from a source you trust.",
-            show_default=False,
-        ),
-    ] = None,
-    config_file: Annotated[
+    paths: ModelPaths,
+    output_format: FormatOption = Format.text,
+    output: Annotated[
         Path | None,
-        typer.Option(
-            "--config",
-            help="Read settings from this file instead of the pyproject.toml above the working directory.",
-        ),
+        typer.Option("--output", "-o", help="Write the report here (with --fix: the fixed model)."),
     ] = None,
+    fail_on: FailOnOption = FailOn.error,
+    select: SelectOption = None,
+    ignore: IgnoreOption = None,
+    input_shape: InputShapeOption = None,
+    input_dtype: InputDtypeOption = None,
+    model: ModelOption = None,
+    trust_model: TrustOption = None,
+    config_file: ConfigOption = None,
     mc: Annotated[
         int,
         typer.Option(
@@ -278,17 +313,25 @@ def check(
         Resample, typer.Option(help="How Monte Carlo draws weights (inputs: weights as they are).")
     ] = Resample.gaussian,
     device: Annotated[Device, typer.Option(help="Where Monte Carlo runs.")] = Device.auto,
-    seed: Annotated[int, typer.Option(help="Seed for Monte Carlo draws (results are reproducible).")] = 0,
+    seed: SeedOption = 0,
     mc_batch: Annotated[
         int | None, typer.Option(help="Samples per Monte Carlo chunk (default: sized to memory).")
     ] = None,
     curvature: Annotated[
         bool, typer.Option("--curvature", help="Estimate Hessian top eigenvalue, trace and gradient norms.")
     ] = False,
-    exit_zero: Annotated[bool, typer.Option("--exit-zero", help="Exit 0 even with findings.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only findings, one per line.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show every layer and block.")] = False,
-    debug: Annotated[bool, typer.Option(help="Show tracebacks for errors.")] = False,
+    fix: Annotated[
+        bool, typer.Option("--fix", help="Rewrite the weights so the model passes (as `initaudit fix`).")
+    ] = False,
+    dry_run: DryRunOption = False,
+    redraw: RedrawOption = False,
+    residual_scale: ResidualScaleOption = ResidualScale.sqrt,
+    in_place: InPlaceOption = False,
+    force: ForceOption = False,
+    exit_zero: ExitZeroOption = False,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = False,
+    debug: DebugOption = False,
 ) -> None:
     """Audit model files: per-layer lengths, FM1/FM2 verdicts and fixes."""
     from initaudit.audit import Selection, audit_file
@@ -296,6 +339,26 @@ def check(
 
     selection = Selection(_codes(select), _codes(ignore))
     options = load_options(input_shape, input_dtype, model, trust_model, config_file)
+    if fix:
+        code = _run_fix(
+            paths,
+            output=output,
+            output_format=output_format,
+            fail_on=fail_on,
+            selection=selection,
+            options=options,
+            dry_run=dry_run,
+            redraw=redraw,
+            seed=seed,
+            residual_scale=residual_scale,
+            in_place=in_place,
+            force=force,
+            quiet=quiet,
+            verbose=verbose,
+        )
+        raise typer.Exit(EXIT_OK if exit_zero else code)
+    if dry_run or redraw or in_place or force:
+        raise UsageError("--dry-run, --redraw, --in-place and --force go with --fix")
     mc_options = _mc_options(mc, resample, device, seed, mc_batch, curvature)
     results = [
         audit_file(
@@ -323,6 +386,98 @@ def check(
                 render_console(result, console, verbose, quiet)
     failed = any(result.fails(threshold) for result in results)
     raise typer.Exit(EXIT_FINDINGS if failed and not exit_zero else EXIT_OK)
+
+
+@app.command()
+@guarded
+def fix(
+    paths: ModelPaths,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Write the fixed model here (default: <stem>.fixed.<ext>)."),
+    ] = None,
+    dry_run: DryRunOption = False,
+    redraw: RedrawOption = False,
+    seed: SeedOption = 0,
+    residual_scale: ResidualScaleOption = ResidualScale.sqrt,
+    in_place: InPlaceOption = False,
+    force: ForceOption = False,
+    output_format: FormatOption = Format.text,
+    fail_on: FailOnOption = FailOn.error,
+    select: SelectOption = None,
+    ignore: IgnoreOption = None,
+    input_shape: InputShapeOption = None,
+    input_dtype: InputDtypeOption = None,
+    model: ModelOption = None,
+    trust_model: TrustOption = None,
+    config_file: ConfigOption = None,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Rewrite the weights so the network can start training, and prove the new file passes.
+    The input is never modified unless --in-place."""
+    from initaudit.audit import Selection
+
+    options = load_options(input_shape, input_dtype, model, trust_model, config_file)
+    selection = Selection(_codes(select), _codes(ignore))
+    raise typer.Exit(
+        _run_fix(
+            paths,
+            output,
+            output_format,
+            fail_on,
+            selection,
+            options,
+            dry_run,
+            redraw,
+            seed,
+            residual_scale,
+            in_place,
+            force,
+            quiet,
+            verbose,
+        )  # fmt: skip
+    )
+
+
+def _run_fix(
+    paths: list[Path],
+    *,
+    output: Path | None,
+    output_format: Format,
+    fail_on: FailOn,
+    selection: Selection,
+    options: LoadOptions,
+    dry_run: bool,
+    redraw: bool,
+    seed: int,
+    residual_scale: ResidualScale,
+    in_place: bool,
+    force: bool,
+    quiet: bool,
+    verbose: bool,
+) -> int:
+    from initaudit.fix.command import run_fix
+
+    if output_format not in (Format.text, Format.json):
+        raise UsageError(f"fixing reports as text or json, not {output_format.value}")
+    return run_fix(
+        paths,
+        output=output,
+        in_place=in_place,
+        force=force,
+        dry_run=dry_run,
+        redraw=redraw,
+        seed=seed,
+        residual_scale=residual_scale.value,
+        fail_on=fail_on.value,
+        output_format=output_format.value,
+        quiet=quiet,
+        verbose=verbose,
+        options=options,
+        selection=selection,
+    )
 
 
 def _emit(text: str, output: Path | None) -> None:
