@@ -424,20 +424,20 @@ def fix(
     raise typer.Exit(
         _run_fix(
             paths,
-            output,
-            output_format,
-            fail_on,
-            selection,
-            options,
-            dry_run,
-            redraw,
-            seed,
-            residual_scale,
-            in_place,
-            force,
-            quiet,
-            verbose,
-        )  # fmt: skip
+            output=output,
+            output_format=output_format,
+            fail_on=fail_on,
+            selection=selection,
+            options=options,
+            dry_run=dry_run,
+            redraw=redraw,
+            seed=seed,
+            residual_scale=residual_scale,
+            in_place=in_place,
+            force=force,
+            quiet=quiet,
+            verbose=verbose,
+        )
     )
 
 
