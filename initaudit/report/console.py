@@ -12,7 +12,7 @@ from rich.text import Text
 from initaudit.audit import AuditResult
 from initaudit.graph import Kind
 from initaudit.report.json_report import layer_rows
-from initaudit.rules import Severity
+from initaudit.rules import Severity, Thresholds
 from initaudit.theory.propagate import Summary
 
 _STYLE = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "cyan"}
@@ -199,6 +199,88 @@ def block_table(result: AuditResult, verbose: bool = False) -> Table | None:
     return table
 
 
+#: Columns of the signal strip: every depth is resampled to this many cells.
+STRIP_COLUMNS = 40
+_LEVELS = "▁▂▃▄▅▆▇█"
+_DEAD = "×"  # a zero length (the signal died): no logarithm to draw
+
+
+def _strip_cells(logs: list[float], columns: int) -> list[float]:
+    """Resample log10 values to ``columns`` cells: a short net stretches each tap over several
+    cells, a deep one puts several taps in a cell and keeps the one farthest from M_0 (so a
+    spike survives). NaN is a gap; -inf (zero length) wins any cell it is in."""
+    count = len(logs)
+    cells = []
+    for c in range(columns):
+        start = c * count // columns
+        stop = max((c + 1) * count // columns, start + 1)
+        chunk = logs[start:stop]
+        if any(v == -math.inf for v in chunk):
+            cells.append(-math.inf)
+            continue
+        finite = [v for v in chunk if math.isfinite(v)]
+        cells.append(max(finite, key=abs) if finite else math.nan)
+    return cells
+
+
+def _log10(x: float) -> float:
+    if x is None or math.isnan(x):
+        return math.nan
+    return math.log10(x) if x > 0 else -math.inf
+
+
+def signal_strip(
+    result: AuditResult, columns: int = STRIP_COLUMNS, thresholds: Thresholds | None = None
+) -> Text | None:
+    """The signal-propagation strip: one line per series (predicted E[M_j]/M_0 and median,
+    and the Monte Carlo ones when measured), a block character per cell on one shared log10
+    scale, coloured by distance from M_0 (green within the FM1 warning bound, yellow within
+    the error bound, red beyond), with the first and last tap's values after it. None when
+    there are fewer than two taps to draw."""
+    from initaudit.report.plot import signal_series
+
+    if not result.computable:
+        return None
+    series = signal_series(result)
+    if series.depth < 2:
+        return None
+    th = thresholds or Thresholds()
+    rows = [("E[M]/M0", series.mean), ("median", series.median)]
+    if series.measured_mean is not None:
+        rows += [("MC E[M]", series.measured_mean), ("MC median", series.measured_median or [])]
+    logs = {label: [_log10(v) for v in values] for label, values in rows}
+    finite = [v for values in logs.values() for v in values if math.isfinite(v)]
+    lo, hi = min([*finite, 0.0]), max([*finite, 0.0])
+    if hi - lo < 1.0:  # at least one decade, so that noise-sized wiggles do not fill the scale
+        mid = (hi + lo) / 2
+        lo, hi = mid - 0.5, mid + 0.5
+    warn, error = math.log10(th.fm1_warning), math.log10(th.fm1_error)
+    label_width = max(len(label) for label, _ in rows)
+    text = Text.assemble(
+        ("Signal ", "bold"),
+        f"log10 M_j/M_0 over {series.depth} taps"
+        + (f", {series.depth / columns:.3g} per cell" if series.depth > columns else "")
+        + f":  {_LEVELS[0]} {lo:.2g} … {_LEVELS[-1]} {hi:.2g}",
+    )
+    for label, values in rows:
+        cells = _strip_cells(logs[label], columns)
+        line = Text("\n  " + label.ljust(label_width) + "  ")
+        for v in cells:
+            if math.isnan(v):
+                line.append(" ")
+            elif v == -math.inf:
+                line.append(_DEAD, style="bold red")
+            else:
+                level = round((v - lo) / (hi - lo) * (len(_LEVELS) - 1))
+                style = "green" if abs(v) <= warn else ("yellow" if abs(v) <= error else "red")
+                line.append(_LEVELS[min(max(level, 0), len(_LEVELS) - 1)], style=style)
+        measured = [v for v in values if v is not None and not math.isnan(v)]
+        ends = f"  {fmt(measured[0])} → {fmt(measured[-1])}" if measured else ""
+        line.append(ends)
+        text.append_text(line)
+    return text
+
+
 def summary_panel(result: AuditResult) -> Panel:
     s = result.prediction.summary
     fm1, fm2 = result.verdict("fm1"), result.verdict("fm2")
@@ -309,6 +391,9 @@ def render_console(result: AuditResult, console: Console, verbose: bool = False,
             blocks = block_table(result, verbose)
             if blocks is not None:
                 console.print(blocks)
+            strip = signal_strip(result)
+            if strip is not None:
+                console.print(strip, soft_wrap=True)
         console.print(summary_panel(result))
     findings = result.findings if not quiet else [f for f in result.findings if f.severity > Severity.INFO]
     if quiet:
