@@ -55,6 +55,9 @@ class AuditResult:
     graph: LayerGraph
     prediction: Prediction
     findings: list[Finding]
+    #: Findings a baseline accepted (:meth:`initaudit.baseline.Baseline.filter`): not in
+    #: ``findings``, not failing, counted for the report.
+    suppressed: int = 0
 
     @property
     def weights_only(self) -> bool:

@@ -6,10 +6,12 @@ it, 2 usage, load or internal error.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
     from initaudit.audit import Selection
     from initaudit.frontends import LoadOptions
     from initaudit.montecarlo.measure import MCOptions
+    from initaudit.runner import CheckRun
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
 
@@ -38,6 +41,15 @@ app = typer.Typer(
 
 
 class Format(StrEnum):
+    text = "text"
+    json = "json"
+    sarif = "sarif"
+    github = "github"
+    markdown = "markdown"
+    junit = "junit"
+
+
+class ListFormat(StrEnum):
     text = "text"
     json = "json"
 
@@ -150,6 +162,7 @@ def load_options(
     model: str | None,
     trust_model: bool | None,
     config_file: Path | None,
+    warn: Callable[[str], None] | None = None,
 ) -> LoadOptions:
     """Flags over ``[tool.initaudit]``: the config is read from the working directory upward
     (or --config), never from beside a model, so a downloaded model cannot grant itself trust."""
@@ -157,8 +170,9 @@ def load_options(
     from initaudit.frontends import LoadOptions
 
     config = load_config(config_file)
+    warn = warn or _warn_once()
     for warning in config.warnings:
-        _stderr().print(f"initaudit: warning: {warning}", markup=False)
+        warn(warning)
     trust_source = "--trust-model"
     if trust_model is None and config.trust_model:
         trust_source = f"trust-model = true in {config.source}"
@@ -286,18 +300,62 @@ ModelPaths = Annotated[
 ]
 
 
+PathsOption = Annotated[list[str] | None, typer.Option(metavar="PATTERN", show_default=False)]
+
+
 @app.command()
 @guarded
 def check(
-    paths: ModelPaths,
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Model files, directories (searched for .onnx .pt .pth .pt2 .safetensors ...) or globs.",
+            show_default=False,
+            metavar="PATH...",
+        ),
+    ],
     output_format: FormatOption = Format.text,
     output: Annotated[
         Path | None,
         typer.Option("--output", "-o", help="Write the report here (with --fix: the fixed model)."),
     ] = None,
-    fail_on: FailOnOption = FailOn.error,
+    json_output: Annotated[Path | None, typer.Option(help="Also write the JSON report here.")] = None,
+    sarif_output: Annotated[Path | None, typer.Option(help="Also write SARIF 2.1.0 here.")] = None,
+    junit_output: Annotated[Path | None, typer.Option(help="Also write JUnit XML here.")] = None,
+    summary_output: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write a markdown summary here (under 1 MiB); appends when the path is "
+            "$GITHUB_STEP_SUMMARY."
+        ),
+    ] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="Draw the signal-propagation plot: FILE.png, .svg or .html.")
+    ] = None,
+    fail_on: Annotated[
+        FailOn | None,
+        typer.Option(help="Exit 1 when a finding is at or above this (config: fail-on; default error)."),
+    ] = None,
     select: SelectOption = None,
     ignore: IgnoreOption = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option(help="Skip paths matching these globs (replaces the config's).")
+    ] = None,
+    extend_exclude: Annotated[list[str] | None, typer.Option(help="Skip these globs as well.")] = None,
+    force_exclude: Annotated[
+        bool | None,
+        typer.Option(
+            "--force-exclude/--no-force-exclude",
+            help="Apply excludes to files named on the command line too (for pre-commit).",
+            show_default=False,
+        ),
+    ] = None,
+    baseline: Annotated[
+        Path | None, typer.Option(help="Accept the findings recorded in this baseline file.")
+    ] = None,
+    write_baseline: Annotated[
+        Path | None, typer.Option(help="Record every current finding in this baseline file, exit 0.")
+    ] = None,
     input_shape: InputShapeOption = None,
     input_dtype: InputDtypeOption = None,
     model: ModelOption = None,
@@ -333,18 +391,19 @@ def check(
     verbose: VerboseOption = False,
     debug: DebugOption = False,
 ) -> None:
-    """Audit model files: per-layer lengths, FM1/FM2 verdicts and fixes."""
-    from initaudit.audit import Selection, audit_file
-    from initaudit.rules import Severity
+    """Audit models: per-layer lengths, FM1/FM2 verdicts and fixes. Exit 0 clean, 1 findings at
+    or above --fail-on, 2 errors."""
+    from initaudit.audit import Selection
 
-    selection = Selection(_codes(select), _codes(ignore))
-    options = load_options(input_shape, input_dtype, model, trust_model, config_file)
+    warn = _warn_once()
+    options = load_options(input_shape, input_dtype, model, trust_model, config_file, warn)
     if fix:
+        selection = Selection(_codes(select), _codes(ignore))
         code = _run_fix(
             paths,
             output=output,
             output_format=output_format,
-            fail_on=fail_on,
+            fail_on=fail_on or FailOn.error,
             selection=selection,
             options=options,
             dry_run=dry_run,
@@ -359,33 +418,119 @@ def check(
         raise typer.Exit(EXIT_OK if exit_zero else code)
     if dry_run or redraw or in_place or force:
         raise UsageError("--dry-run, --redraw, --in-place and --force go with --fix")
+    from initaudit.policy import CliPolicy
+    from initaudit.rules import Severity
+    from initaudit.runner import run_check
+
+    cli_policy = CliPolicy(
+        select=_codes(select) if select else None,
+        ignore=_codes(ignore) if ignore else None,
+        fail_on=Severity.parse(fail_on.value) if fail_on else None,
+        baseline=baseline,
+        exclude=exclude,
+        extend_exclude=tuple(extend_exclude or ()),
+        force_exclude=force_exclude,
+    )
     mc_options = _mc_options(mc, resample, device, seed, mc_batch, curvature)
-    results = [
-        audit_file(
-            path, selection=selection, options=options, mc=mc_options, progress=_progress(path, mc_options)
-        )
-        for path in paths
-    ]
-    threshold = Severity.parse(fail_on.value)
+    run = run_check(
+        [str(p) for p in paths],
+        cli=cli_policy,
+        config_file=config_file,
+        options=options,
+        mc=mc_options,
+        progress=lambda path: _progress(path, mc_options),
+        warn=warn,
+        use_baseline=write_baseline is None,
+        debug=debug,
+    )
+    for error in run.errors:
+        _stderr().print(f"initaudit: error: {error.path}: {error.message}", markup=False)
+    if write_baseline is not None:
+        from initaudit.baseline import write_baseline as write
 
-    if output_format is Format.json:
-        from initaudit.report.json_report import render_json
+        count = write(run.results, write_baseline)
+        _stderr().print(f"initaudit: wrote {count} finding(s) to {write_baseline}", markup=False)
+        raise typer.Exit(EXIT_ERROR if run.errors else EXIT_OK)
+    if run.suppressed and not quiet:
+        _stderr().print(f"initaudit: {run.suppressed} finding(s) accepted by the baseline", markup=False)
+    # A run where no model could be read writes nothing (bad input: exit 2, nothing written);
+    # otherwise the reports carry each unreadable model as an error entry.
+    if run.results:
+        _report(run, output_format, output, fail_on, verbose, quiet)
+        _sinks(run, fail_on, json=json_output, sarif=sarif_output, junit=junit_output, summary=summary_output)
+        if plot is not None:
+            from initaudit.report.plot import render_plot
 
-        _emit(render_json(results, fail_on.value), output)
-    else:
-        from initaudit.report.console import render_console
+            render_plot(run.results, plot)
+    raise typer.Exit(run.exit_code(exit_zero))
 
-        if output is not None:
-            with output.open("w", encoding="utf-8") as handle:
-                console = Console(file=handle, width=120, no_color=True, highlight=False)
-                for result in results:
-                    render_console(result, console, verbose, quiet)
+
+def _run_fail_on(run: CheckRun, fail_on: FailOn | None) -> str:
+    """The --fail-on the reports mark findings against: the flag, else the models' own (all
+    the same in the usual one-config repository), else error."""
+    if fail_on is not None:
+        return fail_on.value
+    levels = set(run.fail_on.values())
+    return str(levels.pop()) if len(levels) == 1 else "error"
+
+
+def _report(
+    run: CheckRun,
+    output_format: Format,
+    output: Path | None,
+    fail_on: FailOn | None,
+    verbose: bool,
+    quiet: bool,
+) -> None:
+    if output_format is not Format.text:
+        from initaudit.report.formats import render
+
+        _emit(render(output_format.value, run.entries, _run_fail_on(run, fail_on), Path.cwd()), output)
+        return
+    from initaudit.report.console import render_console
+
+    with _text_console(output) as console:
+        for result in run.results:
+            render_console(result, console, verbose, quiet)
+
+
+@contextlib.contextmanager
+def _text_console(output: Path | None) -> Iterator[Console]:
+    """The text report's console: the terminal, or a plain 120-column file for -o."""
+    if output is None:
+        yield Console(highlight=False)
+        return
+    with output.open("w", encoding="utf-8") as handle:
+        yield Console(file=handle, width=120, no_color=True, highlight=False)
+
+
+def _sinks(run: CheckRun, fail_on: FailOn | None, **paths: Path | None) -> None:
+    """--json-output, --sarif-output, --junit-output, --summary-output: any together."""
+    from initaudit.report.formats import render
+
+    formats = {"json": "json", "sarif": "sarif", "junit": "junit", "summary": "markdown"}
+    level = _run_fail_on(run, fail_on)
+    for sink, path in paths.items():
+        if path is None:
+            continue
+        text = render(formats[sink], run.entries, level, Path.cwd())
+        summary_file = os.environ.get("GITHUB_STEP_SUMMARY")
+        if sink == "summary" and summary_file and Path(summary_file).absolute() == path.absolute():
+            with path.open("a", encoding="utf-8") as handle:  # the step summary is shared: append
+                handle.write(text)
         else:
-            console = Console(highlight=False)
-            for result in results:
-                render_console(result, console, verbose, quiet)
-    failed = any(result.fails(threshold) for result in results)
-    raise typer.Exit(EXIT_FINDINGS if failed and not exit_zero else EXIT_OK)
+            path.write_text(text, encoding="utf-8")
+
+
+def _warn_once() -> Callable[[str], None]:
+    said: set[str] = set()
+
+    def warn(message: str) -> None:
+        if message not in said:
+            said.add(message)
+            _stderr().print(f"initaudit: warning: {message}", markup=False)
+
+    return warn
 
 
 @app.command()
@@ -491,14 +636,113 @@ def _emit(text: str, output: Path | None) -> None:
 
 @app.command()
 @guarded
+def predict(
+    widths: Annotated[
+        str,
+        typer.Option(help="Layer widths: 64x50 (50 layers of 64), 10,20,30,40, or mixed: 784,256x10,10."),
+    ],
+    activation: Annotated[str, typer.Option(help="relu, tanh, gelu, silu, ... after each layer.")] = "relu",
+    init: Annotated[
+        str, typer.Option(help="he, xavier, lecun, pytorch (their _normal/_uniform forms) or std=0.02.")
+    ] = "he",
+    bias_std: Annotated[float, typer.Option(help="Std of the biases (0: no bias).")] = 0.0,
+    residual: Annotated[
+        int | None, typer.Option(metavar="BLOCKS", help="Residual blocks on a stream of the last width.")
+    ] = None,
+    eta: Annotated[
+        str | None, typer.Option(help="Residual branch scale: a number, or 1/sqrt(L) (default 1).")
+    ] = None,
+    branch_depth: Annotated[int, typer.Option(help="Dense layers per residual branch.")] = 2,
+    input_width: Annotated[
+        int | None, typer.Option(help="Input features (default: the first width).")
+    ] = None,
+    norm: Annotated[
+        str | None, typer.Option(help="Put a normalization (layer or batch) before each branch.")
+    ] = None,
+    output_format: FormatOption = Format.text,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the report here.")] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="Draw the signal-propagation plot: FILE.png, .svg or .html.")
+    ] = None,
+    fail_on: FailOnOption = FailOn.error,
+    select: SelectOption = None,
+    ignore: IgnoreOption = None,
+    mc: Annotated[
+        int, typer.Option("--mc", metavar="SAMPLES", help="Also measure by Monte Carlo (plain nets).")
+    ] = 0,
+    seed: SeedOption = 0,
+    exit_zero: ExitZeroOption = False,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """The same theory for an architecture that has no file yet, with the design answers:
+    how wide for this depth, how deep for this width, what eta for this many blocks."""
+    from initaudit.audit import Selection
+    from initaudit.predict import audit_design, make_spec, parse_widths
+    from initaudit.rules import Severity
+
+    spec = make_spec(
+        parse_widths(widths),
+        activation=activation,
+        init=init,
+        bias_std=bias_std,
+        residual=residual,
+        eta=eta,
+        branch_depth=branch_depth,
+        input_width=input_width,
+        norm=norm,
+    )
+    mc_options = _mc_options(mc, Resample.gaussian, Device.auto, seed, None, False)
+    result, answers = audit_design(
+        spec.graph(),
+        selection=Selection(_codes(select), _codes(ignore)),
+        mc=mc_options,
+        progress=_progress(Path(result_name := spec.describe()), mc_options),
+    )
+    if output_format is Format.json:
+        import json
+
+        from initaudit.report.json_report import render_json
+
+        document = json.loads(render_json([result], fail_on.value))
+        document["reports"][0]["design"] = answers.to_dict()
+        _emit(json.dumps(document, indent=2) + "\n", output)
+    elif output_format is not Format.text:
+        from initaudit.report.formats import render
+
+        _emit(render(output_format.value, [result], fail_on.value), output)
+    else:
+        from rich.text import Text
+
+        from initaudit.report.console import render_console
+
+        with _text_console(output) as console:
+            render_console(result, console, verbose, quiet)
+            if not quiet:
+                console.print(Text(f"Design answers ({result_name})", style="bold"))
+                for line in answers.lines():
+                    console.print(f"  {line}", markup=False, soft_wrap=True)
+    if plot is not None:
+        from initaudit.report.plot import render_plot
+
+        render_plot([result], plot)
+    failed = result.fails(Severity.parse(fail_on.value))
+    raise typer.Exit(EXIT_FINDINGS if failed and not exit_zero else EXIT_OK)
+
+
+@app.command()
+@guarded
 def rules(
-    output_format: Annotated[Format, typer.Option("--format", "-f", help="Output format.")] = Format.text,
-    debug: Annotated[bool, typer.Option(help="Show tracebacks for errors.")] = False,
+    output_format: Annotated[
+        ListFormat, typer.Option("--format", "-f", help="Output format.")
+    ] = ListFormat.text,
+    debug: DebugOption = False,
 ) -> None:
     """List every rule: code, name, worst severity, summary."""
     from initaudit.rules import RULES
 
-    if output_format is Format.json:
+    if output_format is ListFormat.json:
         import json
 
         rows = [
@@ -521,7 +765,7 @@ def rules(
 @guarded
 def explain(
     code: Annotated[str, typer.Argument(help="A rule code, e.g. IA201.")],
-    debug: Annotated[bool, typer.Option(help="Show tracebacks for errors.")] = False,
+    debug: DebugOption = False,
 ) -> None:
     """Explain a rule: the theory behind it and how to fix what it reports."""
     from initaudit.rules import RULES

@@ -166,7 +166,11 @@ def test_trust_lying_next_to_the_model_is_not_trust(torch, tmp_path, monkeypatch
     assert load_config().trust_model is None
     for path in files.values():
         assert main(["check", str(path)]) == 2
-        assert "--trust-model" in _one_error_line(capsys)
+        err = capsys.readouterr().err
+        warning, error = (line for line in err.splitlines() if line.strip())
+        # The config beside the model is read for policy only, and says its trust is ignored.
+        assert "trust-model ignored" in warning and str(downloaded / "pyproject.toml") in warning
+        assert error.startswith("initaudit: error: ") and "--trust-model" in error
     assert not marker.exists()
 
 

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from initaudit import __version__
 from initaudit.audit import AuditResult
 from initaudit.graph import Layer
+from initaudit.report.model_error import ModelError
 from initaudit.rules import RULES
 from initaudit.theory.propagate import LayerPrediction
 
@@ -33,6 +35,11 @@ def _clean(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_clean(v) for v in value]
     return value
+
+
+def json_ready(value: Any) -> Any:
+    """``value`` with every non-finite float as the string the report uses for it."""
+    return _clean(value)
 
 
 def _public(key: str) -> bool:
@@ -212,6 +219,7 @@ def report_dict(result: AuditResult, fail_on: str = "error") -> dict[str, Any]:
                 for f in result.findings
             ],
             "counts": result.counts(),
+            "suppressed": result.suppressed,
             "fail_on": fail_on,
         }
     )
@@ -251,10 +259,21 @@ def monte_carlo(result: AuditResult) -> dict[str, Any] | None:
     }
 
 
-def render_json(results: list[AuditResult], fail_on: str = "error") -> str:
+def render_json(results: Sequence[AuditResult | ModelError], fail_on: str = "error") -> str:
+    """The document: one ``reports`` entry per audited model and one ``errors`` entry per
+    model that could not be audited (:class:`~initaudit.report.model_error.ModelError`)."""
     document = {
         "schema": SCHEMA,
         "version": __version__,
-        "reports": [report_dict(r, fail_on) for r in results],
+        "reports": [report_dict(r, fail_on) for r in results if isinstance(r, AuditResult)],
+        "errors": [{"path": e.path, "message": e.message} for e in results if isinstance(e, ModelError)],
     }
     return json.dumps(document, indent=2, allow_nan=False) + "\n"
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of the document ``render_json`` writes, shipped with
+    the package as ``initaudit/report/schema.json``."""
+    from importlib.resources import files
+
+    return json.loads(files("initaudit.report").joinpath("schema.json").read_text(encoding="utf-8"))
