@@ -155,3 +155,15 @@ def test_predict_rejects_bad_specs_in_one_line(capsys):
         assert main(["predict", *args]) == 2
         err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert len(err) == 1 and err[0].startswith("initaudit: error:"), err
+
+
+def test_repeated_findings_are_counted_in_the_console_and_listed_with_verbose(samples, capsys):
+    path = str(samples / "deep_xavier_mlp.onnx")  # 20 IA103 warnings, one per weight
+    main(["check", path])
+    out = capsys.readouterr().out
+    assert out.count("IA103 warning") == 3 and "[... 17 more IA103 warnings" in out
+    main(["check", path, "-v"])
+    out = capsys.readouterr().out
+    assert out.count("IA103 warning") == 20 and "more IA103" not in out
+    main(["check", path, "-q"])  # one line per finding: quiet output is for grep and editors
+    assert capsys.readouterr().out.count(": IA103 warning:") == 20

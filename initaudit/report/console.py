@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 from rich.console import Console, Group
@@ -358,13 +359,35 @@ def _fm1_numbers(result: AuditResult) -> str:
     return text
 
 
-def findings_group(result: AuditResult) -> Group:
-    lines = []
-    for f in result.findings:
-        line = Text.assemble((f"{f.code} ", "bold"), (f"{f.severity}", _STYLE[f.severity]), "  ", f.message)
-        lines.append(line)
-        if f.fix:
-            lines.append(Text.assemble("       fix: ", (f.fix, "green")))
+#: Above this many findings of one rule the console shows the first two and the last, and
+#: counts the rest (-v shows all; machine formats always carry every one).
+REPEAT_LIMIT = 4
+
+
+def findings_group(result: AuditResult, verbose: bool = False) -> Group:
+    lines: list[Text] = []
+    for code, run in itertools.groupby(result.findings, key=lambda f: (f.code, f.severity)):
+        group = list(run)
+        shown = group if verbose or len(group) <= REPEAT_LIMIT else [*group[:2], None, group[-1]]
+        for f in shown:
+            if f is None:
+                hidden = group[2:-1]
+                names = ", ".join(f"`{h.location}`" for h in hidden[:3] if h.location)
+                lines.append(
+                    Text(
+                        f"[... {len(hidden)} more {code[0]} {code[1]}s like these"
+                        + (f" ({names}{', ...' if len(hidden) > 3 else ''})" if names else "")
+                        + "; -v shows all ...]",
+                        style="dim",
+                    )
+                )
+                continue
+            line = Text.assemble(
+                (f"{f.code} ", "bold"), (f"{f.severity}", _STYLE[f.severity]), "  ", f.message
+            )
+            lines.append(line)
+            if f.fix:
+                lines.append(Text.assemble("       fix: ", (f.fix, "green")))
     if not lines:
         lines.append(Text("No findings.", style="green"))
     return Group(*lines)
@@ -404,7 +427,7 @@ def render_console(result: AuditResult, console: Console, verbose: bool = False,
             console.print(line, soft_wrap=True)
         return
     console.print(Text("Findings", style="bold"))
-    console.print(findings_group(result))
+    console.print(findings_group(result, verbose))
     counts = result.counts()
     console.print(
         Text.assemble(
