@@ -74,9 +74,9 @@ def run_check(
     (for --write-baseline). ``debug`` lets an unexpected exception through, for its traceback.
     """
     resolver = PolicyResolver(cli, config_file, warn=warn)
+    # Empty only when --force-exclude dropped every named file (pre-commit staging only excluded
+    # models): nothing to judge, exit 0. Paths that match nothing are discover()'s usage errors.
     files = resolver.discover(paths)
-    if not files:
-        raise UsageError(f"no model files found in {', '.join(str(p) for p in paths)}")
     run = CheckRun()
     for path in files:
         policy = resolver.policy_for(path)
