@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from initaudit import __version__
+from initaudit.atomic import write_text
 from initaudit.errors import UsageError
 
 if TYPE_CHECKING:
@@ -138,30 +138,8 @@ def write_baseline(results: Sequence[AuditResult], path: Path, root: Path | None
         "root": relative_path(root, directory),
         "entries": [{key: getattr(e, key) for key in _ENTRY_KEYS} for e in entries],
     }
-    _atomic_write(path, json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+    write_text(path, json.dumps(document, indent=2, ensure_ascii=False) + "\n")
     return len(entries)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """A temp file in the target directory, fsync, rename: readers see the old file or the new."""
-    descriptor, temp = tempfile.mkstemp(dir=path.absolute().parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        mode = path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask()
-        os.chmod(temp, mode)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def load_baseline(path: Path) -> Baseline:

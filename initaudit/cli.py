@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import os
 import sys
 import traceback
@@ -500,8 +501,11 @@ def _text_console(output: Path | None) -> Iterator[Console]:
     if output is None:
         yield Console(highlight=False)
         return
-    with output.open("w", encoding="utf-8") as handle:
-        yield Console(file=handle, width=120, no_color=True, highlight=False)
+    from initaudit.atomic import write_text
+
+    buffer = io.StringIO()
+    yield Console(file=buffer, width=120, no_color=True, highlight=False)
+    write_text(output, buffer.getvalue())
 
 
 def _sinks(run: CheckRun, fail_on: FailOn | None, **paths: Path | None) -> None:
@@ -519,7 +523,7 @@ def _sinks(run: CheckRun, fail_on: FailOn | None, **paths: Path | None) -> None:
             with path.open("a", encoding="utf-8") as handle:  # the step summary is shared: append
                 handle.write(text)
         else:
-            path.write_text(text, encoding="utf-8")
+            _emit(text, path)
 
 
 def _warn_once() -> Callable[[str], None]:
@@ -631,7 +635,9 @@ def _emit(text: str, output: Path | None) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
     else:
-        output.write_text(text, encoding="utf-8")
+        from initaudit.atomic import write_text
+
+        write_text(output, text)
 
 
 @app.command()

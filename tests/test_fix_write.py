@@ -21,9 +21,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from initaudit import atomic
 from initaudit.audit import audit_file
 from initaudit.errors import LoadError, UsageError
-from initaudit.fix import atomic
 from initaudit.fix.command import fix_one
 from initaudit.fix.plan import FixPlan, TensorChange
 from initaudit.fix.write_onnx import OnnxWriter, cast_back

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from rich.console import Console
 
+from initaudit import atomic
 from initaudit.audit import audit_graph
-from initaudit.errors import UsageError
+from initaudit.errors import LoadError, UsageError
 from initaudit.predict import build_graph
-from initaudit.report import plot
 from initaudit.report.console import STRIP_COLUMNS, fmt, render_console, signal_strip
 from initaudit.report.plot import render_plot, signal_series
 from initaudit.stats import TensorStats
@@ -216,8 +216,8 @@ def test_writes_are_atomic(tmp_path, monkeypatch, fail):
     def broken(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(plot.os, fail, broken)
-    with pytest.raises(UsageError, match="No space left"):
+    monkeypatch.setattr(atomic.os, fail, broken)
+    with pytest.raises(LoadError, match="no space left"):
         render_plot(audit_graph(build_graph([8] * 3)), path)
     assert path.read_text() == "old plot"
     assert [p.name for p in tmp_path.iterdir()] == ["plot.html"]  # no temporary file left behind
@@ -226,34 +226,17 @@ def test_writes_are_atomic(tmp_path, monkeypatch, fail):
 def test_interrupted_render_leaves_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "plot.html"
     path.write_text("old plot")
-    monkeypatch.setattr(plot, "open", _Interrupting, raising=False)
+    real = atomic._Sink.write
+
+    def interrupted(self, data):  # a write gets halfway, then Ctrl-C
+        real(self, bytes(data[:10]))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic._Sink, "write", interrupted)
     with pytest.raises(KeyboardInterrupt):
         render_plot(audit_graph(build_graph([8] * 3)), path)
     assert path.read_text() == "old plot"
     assert [p.name for p in tmp_path.iterdir()] == ["plot.html"]
-
-
-class _Interrupting:
-    """A file whose write gets halfway and is interrupted (Ctrl-C during a write)."""
-
-    def __init__(self, path: Path, mode: str) -> None:
-        self.handle = open(path, mode)  # noqa: SIM115 (closed by __exit__)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.handle.close()
-
-    def write(self, data: bytes) -> int:
-        self.handle.write(data[:10])
-        raise KeyboardInterrupt
-
-    def flush(self) -> None:
-        self.handle.flush()
-
-    def fileno(self) -> int:
-        return self.handle.fileno()
 
 
 def test_file_mode_follows_the_umask(tmp_path):

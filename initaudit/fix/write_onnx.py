@@ -19,8 +19,8 @@ import onnx
 from onnx import TensorProto
 from onnx.external_data_helper import uses_external_data
 
+from initaudit.atomic import Transaction, source_mode, write_all
 from initaudit.errors import LoadError
-from initaudit.fix.atomic import Transaction, source_mode, write_all
 from initaudit.fix.casting import STORAGE, cast, from_bfloat16_bits, le_bytes
 from initaudit.fix.plan import SCALE, FixPlan, TensorChange, new_values
 from initaudit.frontends.onnx_model import _read_model, _to_array

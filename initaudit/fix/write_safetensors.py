@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from initaudit.atomic import CHUNK, Transaction, source_mode, write_all
 from initaudit.errors import LoadError
-from initaudit.fix.atomic import CHUNK, Transaction, source_mode, write_all
 from initaudit.fix.casting import cast
 from initaudit.fix.plan import SCALE, FixPlan, new_values
 from initaudit.frontends.safetensors_file import SafetensorsFile

@@ -16,8 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from initaudit.atomic import Transaction, source_mode
 from initaudit.errors import LoadError
-from initaudit.fix.atomic import Transaction, source_mode
 from initaudit.fix.plan import SCALE, FixPlan, new_values
 from initaudit.fix.write_safetensors import key_map
 from initaudit.frontends import LoadOptions

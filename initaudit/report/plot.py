@@ -13,13 +13,12 @@ from __future__ import annotations
 import html
 import io
 import math
-import os
-import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from initaudit.atomic import write_bytes
 from initaudit.errors import UsageError
 from initaudit.rules import Thresholds
 
@@ -102,28 +101,10 @@ def render_plot(
         data = html_page(results, th).encode("utf-8")
     else:
         data = _matplotlib_bytes(results, th, suffix[1:], path)
-    write_atomic(path, data)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename:
-    readers see the old file or the new one, never a partial one."""
-    parent = path.parent if str(path.parent) else Path(".")
+    parent = path.absolute().parent
     if not parent.is_dir():
         raise UsageError(f"--plot {path}: directory {parent} does not exist")
-    tmp = parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        with open(tmp, "xb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as error:
-        tmp.unlink(missing_ok=True)
-        raise UsageError(f"--plot {path}: cannot write it ({error.strerror or error})") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_bytes(path, data)
 
 
 # matplotlib ---------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Atomic file writes: a temp file in the target directory, fsync, ``os.replace``.
+"""Atomic file writes (fixed models, reports, baselines, plots): a temp file in the target
+directory, fsync, ``os.replace``.
 
 The target either keeps its old bytes or gets all of the new ones: a failure at any step
 (an unwritable directory, a full disk, an exception while the content is produced) removes
@@ -146,9 +147,28 @@ def transaction() -> Iterator[Transaction]:
 
 
 def atomic_write(target: Path, fill: Callable[[Any], None], mode: int | None = None) -> None:
-    """Write one file atomically: ``fill(file)`` produces the content."""
+    """Write one file atomically: ``fill(file)`` produces the content. Without ``mode`` the
+    file keeps the mode of the one it replaces, or gets a new file's usual mode."""
     with Transaction() as tx:
-        tx.stage(target, fill, mode)
+        tx.stage(target, fill, mode if mode is not None else _mode_for(target))
+
+
+def write_text(target: Path, text: str) -> None:
+    """Write a report or a baseline atomically (UTF-8)."""
+    atomic_write(Path(target), lambda sink: write_all(sink, text.encode("utf-8")))
+
+
+def write_bytes(target: Path, data: bytes) -> None:
+    atomic_write(Path(target), lambda sink: write_all(sink, data))
+
+
+def _mode_for(target: Path) -> int:
+    existing = source_mode(target)
+    if existing is not None:
+        return existing
+    mask = os.umask(0)  # the only portable way to read the umask
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _fsync_dir(directory: Path) -> None:
