@@ -1,42 +1,57 @@
-"""Monte Carlo engines side by side: a per-sample loop, the ensemble engine, the shortcut.
+"""Monte Carlo engines side by side: a per-sample loop, the ensemble engine (with and without
+the exact Gaussian projection), the dense-chain shortcut.
 
-    python benchmarks/bench_mc.py                       # CPU, default sample counts (~1-2 min)
-    python benchmarks/bench_mc.py --quick               # a smoke run (seconds)
-    python benchmarks/bench_mc.py --device cuda         # adds the fraction of matmul peak
+    python benchmarks/bench_mc.py                       # CPU, ~3 minutes
+    python benchmarks/bench_mc.py --threads 1           # steadier figures on a shared machine
+    python benchmarks/bench_mc.py --quick               # a smoke run (~30 s)
+    python benchmarks/bench_mc.py --device cuda         # the same on a GPU
 
-Two networks at He init (kaiming_normal_, fan_in, zero biases):
+Three networks at He init (kaiming_normal_, fan_in, zero biases; the traced weights are scaled
+to He's second moment exactly, so ``gaussian`` resampling draws the loop's law):
 
 - an MLP, 64 layers of Linear(256, 256) + ReLU, input [1, 256];
 - a small residual CNN: conv 3->16, three blocks y + conv(relu(conv(relu(y)))), global
-  average pool, linear 16->10, input [1, 3, 32, 32].
+  average pool, linear 16->10, input [1, 3, 32, 32];
+- the same CNN CIFAR-style with BatchNorm (conv-BN-ReLU stem, blocks
+  relu(y + BN(conv(relu(BN(conv(y)))))), convs without bias), BatchNorm on batch statistics
+  as training runs it: the loop runs the module in train mode, the ensemble with
+  ``batchnorm="train"`` (each network normalizes over the positions of its own input).
 
-Three ways to get M_L for many random networks, each timed in this one run:
+Engines, each timed in this one run:
 
 (a) loop: what a user would write. One nn.Module; per sample, nn.init on every layer and one
     forward pass under torch.no_grad, recording M_L = mean(out^2).
-(b) ensemble: ``initaudit.montecarlo.ensemble.run_ensemble`` over the module's
-    torch.export program, the weights redrawn by ``resample(..., "gaussian")`` chunk by
-    chunk (drawing included in the time), M_j recorded at every activation and join.
-(c) shortcut: ``initaudit.montecarlo.shortcut.shortcut_chain`` on the module's LayerGraph:
-    exact in law for a dense chain, O(width) per layer. Not applicable to the CNN.
+(b) ensemble: ``initaudit.montecarlo.ensemble.sample_ensemble(project=False)`` over the
+    module's torch.export program: weights redrawn by ``resample(..., "gaussian")`` chunk by
+    chunk (drawing included in the time), vmap over the chunk, M_j at every activation/join.
+(c) ensemble+proj: the same with the exact Gaussian projection: a dense weight used once is
+    not drawn; its product with the layer's input is (``projection_plan``'s docstring).
+(d) shortcut: ``initaudit.montecarlo.shortcut.shortcut_chain`` on the LayerGraph; exact in law
+    for a dense chain, O(width) per layer. Not applicable to the CNNs.
 
-Threads: on a machine other processes are using, torch's multi-threaded CPU kernels stall at
-OpenMP barriers (a 512-entry sqrt measured 1 us on one thread, 5 ms on two), and figures
-taken with several threads swing by 10x between runs; ``--threads 1`` gives stable ones.
-(The shortcut always runs its CPU work on one thread, for that reason.)
+Timing. The engines are timed in interleaved rounds (loop, ensemble, ..., then again), so a
+change in the machine's load hits them alike; samples/s is total samples over total wall time
+in steady state (one-off tracing and a warm-up are not counted; setup is printed apart). On a
+CPU, "per CPU s" divides by this process's CPU time instead: on a machine shared with other
+work, waiting for a core inflates wall time but not CPU time, so those ratios are steadier. Each
+engine's mean and median of M_L/M_0 is printed too, so a fast wrong engine would show (He MLP:
+E[M_L]/M_0 = 1 exactly).
 
-Samples/s are steady-state: the one-off tracing (torch.export) and a warm-up chunk are not
-counted; the setup time is printed on its own. Each engine's mean and median of M_L is
-printed too (He init: E[M_L]/M_0 = 1 exactly), so a fast wrong engine would show.
+GFLOP/s counts 2 x multiply-accumulates of every conv and linear layer of one forward pass
+per sample. The projection and the shortcut skip most of those FLOPs: their figure is
+"equivalent" (the FLOPs of the forward passes they stand in for). The peak is a large float32
+matmul measured in this run on this device (sgemm on a CPU, with torch's thread setting),
+and ``ceiling`` is peak / (FLOPs per sample): the samples/s of an engine that ran every FLOP
+of every forward at that peak. A loop already at a good fraction of the peak leaves an
+engine that must do the same FLOPs little room: the print says how much.
 
 "draw bound" is the rate at which this device can merely draw one network's Gaussian weights
-(torch.randn of the same number of entries): no engine that materializes the weights can
-beat it, and on a CPU it is what bounds both the loop and the ensemble for the MLP (each
-sample needs 64 x 256^2 = 4.2M normal draws for 8.4 MFLOP of matrix-vector products).
-On CUDA the fraction of the device's matmul throughput is reported: the peak is measured
-with a large float32 torch.matmul in the same run, and an engine's FLOPs are counted as
-2 * S * sum(fan_in * width) per forward for the MLP (2 * S * MACs of every conv and linear
-layer for the CNN).
+(normal_ into each weight's shape): no engine that materializes the weights can beat it; on a
+CPU it bounds the loop and the plain ensemble for the MLP (64 x 256^2 = 4.2M draws for
+8.4 MFLOP of matrix-vector products). The projection draws 64 x 256 instead.
+
+Threads: on a machine other processes are using, torch's multi-threaded CPU kernels stall at
+OpenMP barriers and figures swing between runs; ``--threads 1`` gives steadier ones.
 """
 
 from __future__ import annotations
@@ -56,18 +71,27 @@ from torch import nn
 
 
 @dataclass
-class Result:
-    engine: str
-    samples: int = 0
-    seconds: float = math.nan
-    values: np.ndarray | None = None
+class Engine:
+    """One way to get M_L for many networks: ``run(n)`` -> (values, samples done)."""
+
+    name: str
+    run: Callable[[int], np.ndarray] | None = None
+    unit: int = 1  # samples per run() call in the timed rounds
     setup_s: float = 0.0
     note: str = ""
-    extra: dict[str, float] = field(default_factory=dict)
+    equivalent: bool = False  # GFLOP/s are those of the forward passes it stands in for
+    samples: int = 0
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0  # this process's CPU time: what the machine's other users cannot inflate
+    values: list[np.ndarray] = field(default_factory=list)
 
     @property
     def rate(self) -> float:
         return self.samples / self.seconds if self.samples and self.seconds > 0 else math.nan
+
+    @property
+    def cpu_rate(self) -> float:
+        return self.samples / self.cpu_seconds if self.samples and self.cpu_seconds > 0 else math.nan
 
 
 # --------------------------------------------------------------------------- models
@@ -99,6 +123,34 @@ class SmallResNet(nn.Module):
         return self.head(y.mean(dim=(2, 3)))
 
 
+class BNBlock(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+class BNResNet(nn.Module):
+    """CIFAR-style: conv-BN-ReLU stem, residual blocks with BatchNorm, pool, linear."""
+
+    def __init__(self, channels: int = 16, blocks: int = 3, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU()
+        )
+        self.blocks = nn.Sequential(*[BNBlock(channels) for _ in range(blocks)])
+        self.head = nn.Linear(channels, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.blocks(self.stem(x))
+        return self.head(y.mean(dim=(2, 3)))
+
+
 def he_init(module: nn.Module) -> None:
     """What the loop re-runs per sample: He normal weights, zero biases, on every layer."""
     for layer in module.modules():
@@ -106,6 +158,17 @@ def he_init(module: nn.Module) -> None:
             nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
             if layer.bias is not None:
                 nn.init.zeros_(layer.bias)
+
+
+def exact_he(module: nn.Module) -> None:
+    """Scale each weight so its second moment is exactly He's 2 / fan_in: the ``gaussian``
+    resampling law (each tensor's own E[w^2]) is then the loop's kaiming_normal_ law, and all
+    engines sample the same networks in law (one He draw's E[w^2] is off by ~1/sqrt(count))."""
+    with torch.no_grad():
+        for layer in module.modules():
+            if isinstance(layer, (nn.Linear, nn.Conv2d)):
+                fan_in = layer.weight[0].numel()
+                layer.weight.mul_(math.sqrt(2.0 / fan_in / float(layer.weight.double().pow(2).mean())))
 
 
 def forward_flops(module: nn.Module, x: torch.Tensor) -> float:
@@ -123,134 +186,179 @@ def forward_flops(module: nn.Module, x: torch.Tensor) -> float:
     handles = [
         m.register_forward_hook(hook) for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))
     ]
+    was_training = module.training
+    module.eval()
     with torch.no_grad():
         module(x)
+    module.train(was_training)
     for handle in handles:
         handle.remove()
     return total
 
 
-# --------------------------------------------------------------------------- timing
+# --------------------------------------------------------------------------- engines
 
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
-    sync(device)
-    start = time.perf_counter()
-    out = fn()
-    sync(device)
-    return out, time.perf_counter() - start
-
-
-def run_loop(module: nn.Module, x: torch.Tensor, samples: int, device: torch.device, budget: float) -> Result:
+def loop_engine(module: nn.Module, x: torch.Tensor, device: torch.device, train: bool) -> Engine:
     """(a) re-initialize, forward, record M_L; one sample at a time."""
+    module.train(train)
 
-    def loop(n: int, deadline: float = math.inf) -> np.ndarray:
+    def run(n: int) -> np.ndarray:
         values = torch.empty(n, dtype=torch.float64, device=device)
         for s in range(n):
             he_init(module)
             with torch.no_grad():
                 out = module(x)
             values[s] = out.double().pow(2).mean()
-            if time.perf_counter() > deadline:
-                return values[: s + 1].cpu().numpy()
         return values.cpu().numpy()
 
-    loop(max(2, samples // 20), time.perf_counter() + budget / 10)  # warm-up: allocator, kernels
-    values, seconds = timed(lambda: loop(samples, time.perf_counter() + budget), device)
-    return Result("loop", values.size, seconds, values, note=stopped(values.size, samples).lstrip("; "))
+    mode = "train mode (batch statistics)" if train and _has_bn(module) else ""
+    return Engine("loop", run, unit=1 if device.type == "cpu" else 10, note=mode)
 
 
-def run_ensemble_engine(
-    module: nn.Module, x: torch.Tensor, samples: int, device: torch.device, seed: int, budget: float
-) -> Result:
-    """(b) the ensemble engine: resample chunk by chunk, run_ensemble over the export."""
-    try:
-        from initaudit.montecarlo.ensemble import default_chunk, program_parameters, run_ensemble
-        from initaudit.montecarlo.resample import resample, resample_laws
-    except ImportError:
-        return Result("ensemble", note="ensemble engine not available")
+def loop_split(module: nn.Module, x: torch.Tensor, device: torch.device, seconds: float) -> str:
+    """How the loop's time divides between re-initializing and the forward pass."""
+
+    def rate(fn: Callable[[], Any]) -> float:
+        fn()
+        sync(device)
+        done, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            fn()
+            done += 1
+        sync(device)
+        return (time.perf_counter() - start) / done
+
+    def forward() -> None:
+        with torch.no_grad():
+            module(x)
+
+    init_s, forward_s = rate(lambda: he_init(module)), rate(forward)
+    return f"loop per sample: init {1e6 * init_s:,.0f} us + forward {1e6 * forward_s:,.0f} us"
+
+
+def ensemble_engine(
+    module: nn.Module,
+    x: torch.Tensor,
+    device: torch.device,
+    seed: int,
+    *,
+    project: bool,
+    batchnorm: str,
+    chunk: int | None,
+) -> Engine:
+    """(b)/(c) the ensemble engine over the module's export program."""
     from initaudit.frontends.torch_graph import graph_from_module
     from initaudit.graph import Kind
+    from initaudit.montecarlo.ensemble import (
+        default_chunk,
+        program_parameters,
+        projection_plan,
+        sample_ensemble,
+    )
+    from initaudit.montecarlo.resample import resample_laws
 
+    name = "ens+proj" if project else "ensemble"
     start = time.perf_counter()
-    cpu_module = module.to("cpu")
-    graph = graph_from_module(cpu_module, (x.cpu(),), source="bench", fmt="module")
+    graph = graph_from_module(module.to("cpu").eval(), (x.cpu(),), source="bench", fmt="module")
     module.to(device)
     program, nodes = graph.meta.get("_program"), graph.meta.get("_nodes", {})
     if program is None:
-        return Result("ensemble", note=f"no program ({graph.meta.get('extraction')})")
+        return Engine(name, note=f"no program ({graph.meta.get('extraction')})")
     taps = {
         layer.name: nodes[layer.name]
         for layer in graph
-        if layer.kind in (Kind.ACTIVATION, Kind.ADD) and layer.name in nodes
+        if layer.kind in (Kind.ACTIVATION, Kind.ADD, Kind.NORM) and layer.name in nodes
     }
     taps["output"] = nodes[graph.outputs[0]]
-    params = {key: value.to(device) for key, value in program_parameters(program).items()}
+    params = program_parameters(program)
     laws = resample_laws(params, "gaussian")
-    chunk = default_chunk(params, device, program=program, samples=samples)
+    plan = projection_plan(program, laws) if project else {}
+    if project and not plan:
+        return Engine(name, note="no dense weight qualifies")
+    size = chunk or default_chunk(params, device, program=program, projection=plan)
     generator = torch.Generator(device=device).manual_seed(seed)
-    setup = time.perf_counter() - start
     notes: list[str] = []
-    draw_s = 0.0
+    x_cpu = x.cpu()
 
-    def ensemble(n: int, deadline: float = math.inf) -> np.ndarray:
-        nonlocal draw_s
-        parts = []
-        for done in range(0, n, chunk):
-            if time.perf_counter() > deadline:
-                break
-            size = min(chunk, n - done)
-            sampled, seconds = timed(
-                lambda size=size: resample(params, "gaussian", size, generator, laws=laws), device
-            )
-            draw_s += seconds
-            out = run_ensemble(program, taps, x, sampled, chunk=size, device=device, notes=notes)
-            parts.append(out["output"].numpy())
-        return np.concatenate(parts)
+    def run(n: int) -> np.ndarray:
+        out = sample_ensemble(
+            program,
+            taps,
+            x_cpu,
+            n,
+            generator,
+            laws=laws,
+            project=project,
+            chunk=size,
+            device=device,
+            batchnorm=batchnorm,
+            notes=notes,
+        )
+        return out["output"].numpy()
 
-    ensemble(min(chunk, samples))  # warm-up
-    draw_s = 0.0
-    values, seconds = timed(lambda: ensemble(samples, time.perf_counter() + budget), device)
-    note = f"chunk {chunk}, {len(taps)} taps; drawing weights {100 * draw_s / seconds:.0f}% of the time"
-    if notes:
-        note += "; " + "; ".join(dict.fromkeys(notes))
-    note += stopped(values.size, samples)
-    return Result("ensemble", values.size, seconds, values, setup_s=setup, note=note)
+    run(size)  # warm-up: allocator, kernels
+    engine = Engine(name, run, unit=size, setup_s=time.perf_counter() - start)
+    projected = f"; {len(plan)} weights projected" if plan else ""
+    engine.note = f"chunk {size}, {len(taps)} taps{projected}"
+    extra = [line for line in dict.fromkeys(notes) if not line.startswith("Gaussian projection")]
+    if extra:
+        engine.note += "; " + "; ".join(extra)
+    return engine
 
 
-def run_shortcut(module: nn.Module, x: torch.Tensor, samples: int, device: torch.device, seed: int) -> Result:
-    """(c) the distributional shortcut on the module's LayerGraph (None: not a dense chain)."""
+def shortcut_engine(module: nn.Module, x: torch.Tensor, device: torch.device, seed: int) -> Engine:
+    """(d) the distributional shortcut on the module's LayerGraph (None: not a dense chain)."""
     from initaudit.frontends.torch_graph import graph_from_module
     from initaudit.montecarlo.shortcut import shortcut_chain
 
     start = time.perf_counter()
-    graph = graph_from_module(module.to("cpu"), (x.cpu(),), source="bench", fmt="module")
+    graph = graph_from_module(module.to("cpu").eval(), (x.cpu(),), source="bench", fmt="module")
     module.to(device)
-    setup = time.perf_counter() - start
     last = graph.outputs[0]
     generator = torch.Generator(device=device).manual_seed(seed)
-    probe = shortcut_chain(graph, 2, generator, device, taps=[last])
-    if probe is None:
-        return Result("shortcut", note="not applicable: not a chain of dense layers (convs, residual joins)")
-    shortcut_chain(graph, min(samples, 2000), generator, device)  # warm-up
-    values, seconds = timed(lambda: shortcut_chain(graph, samples, generator, device), device)
-    note = f"{len(values)} taps"
+    if shortcut_chain(graph, 2, generator, device, taps=[last]) is None:
+        return Engine("shortcut", note="not applicable: not a chain of dense layers (convs, joins, norms)")
     m0 = float(x.double().pow(2).mean())  # the shortcut reports M_j / M_0; the others M_j
-    values = m0 * (values[last] if last in values else next(reversed(values.values())))
-    return Result("shortcut", samples, seconds, values, setup_s=setup, note=note)
+    unit = 5_000 if device.type == "cpu" else 1_000_000
+
+    def run(n: int) -> np.ndarray:
+        values = shortcut_chain(graph, n, generator, device)
+        assert values is not None
+        return m0 * (values[last] if last in values else next(reversed(values.values())))
+
+    run(min(unit, 2000))
+    return Engine("shortcut", run, unit=unit, setup_s=time.perf_counter() - start, equivalent=True)
 
 
-def stopped(done: int, asked: int) -> str:
-    return f"; time budget reached after {done:,} of {asked:,}" if done < asked else ""
+def timed_rounds(engines: list[Engine], device: torch.device, budget: float, rounds: int) -> None:
+    """Each runnable engine for budget / rounds seconds per round, the rounds interleaved."""
+    for _ in range(rounds):
+        for engine in engines:
+            if engine.run is None:
+                continue
+            sync(device)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            while True:
+                engine.values.append(engine.run(engine.unit))
+                sync(device)
+                engine.samples += engine.unit
+                if time.perf_counter() - start >= budget / rounds:
+                    break
+            engine.seconds += time.perf_counter() - start
+            engine.cpu_seconds += time.process_time() - cpu_start
+
+
+# --------------------------------------------------------------------------- device figures
 
 
 def draw_bound(module: nn.Module, device: torch.device, seconds: float = 1.0) -> float:
-    """Networks per second whose weights this device can merely draw: torch normal_ into each
+    """Networks per second whose weights this device can merely draw: normal_ into each
     weight's own shape (cache-sized fills on a CPU, one big fill of a batch on a GPU)."""
     shapes = [tuple(p.shape) for p in module.parameters() if p.dim() > 1]
     generator = torch.Generator(device=device).manual_seed(0)
@@ -270,18 +378,18 @@ def draw_bound(module: nn.Module, device: torch.device, seconds: float = 1.0) ->
     return done / (time.perf_counter() - start)
 
 
-def matmul_peak(device: torch.device) -> float:
-    """FLOP/s of a large float32 matmul (the device's default precision settings)."""
-    n = 8192
+def matmul_peak(device: torch.device, seconds: float = 1.0) -> float:
+    """FLOP/s of a large float32 matmul (sgemm) with the device's default settings."""
+    n = 8192 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
     torch.matmul(a, b)
     sync(device)
     reps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < 1.0:
+    while time.perf_counter() - start < seconds:
         torch.matmul(a, b)
         reps += 1
-    sync(device)
+        sync(device)
     return 2.0 * n**3 * reps / (time.perf_counter() - start)
 
 
@@ -297,46 +405,88 @@ def summary(values: np.ndarray | None) -> str:
 
 
 def report(
-    title: str, results: list[Result], bound: float, flops: float | None, peak: float | None, m0: float
+    title: str, engines: list[Engine], flops: float, peak: float, m0: float, lines: list[str], cpu: bool
 ) -> None:
     print(f"\n== {title}")
-    print(f"   draw bound: {bound:,.0f} networks/s (only drawing the Gaussian weights)")
-    header = f"   {'engine':<9} {'samples':>8} {'seconds':>8} {'samples/s':>12} {'vs loop':>8}"
-    if peak:
-        header += f" {'% matmul peak':>14}"
-    print(header + f"   {'M_L/M_0 (mean +- se)':<34} notes")
-    loop = next((r for r in results if r.engine == "loop"), None)
-    for r in results:
-        if not r.samples:
-            print(f"   {r.engine:<9} {'-':>8} {'-':>8} {'-':>12} {'-':>8}" + (f" {'-':>14}" if peak else "")
-                  + f"   {'':<34} {r.note}")  # fmt: skip
+    for line in lines:
+        print(f"   {line}")
+    head = f"   {'engine':<9} {'samples':>9} {'seconds':>8} {'samples/s':>11} {'vs loop':>8}"
+    head += f" {'per CPU s':>11} {'vs loop':>8}" if cpu else ""
+    print(head + f" {'GFLOP/s':>8} {'% peak':>7}   {'M_L/M_0 (mean +- se)':<33} notes")
+    loop = next((e for e in engines if e.name == "loop" and e.samples), None)
+    for e in engines:
+        if not e.samples:
+            widths = (9, 8, 11, 8, 11, 8, 8, 7) if cpu else (9, 8, 11, 8, 8, 7)
+            dashes = " ".join(f"{'-':>{w}}" for w in widths)
+            print(f"   {e.name:<9} {dashes}   {'':<33} {e.note}")
             continue
-        ratio = r.rate / loop.rate if loop is not None and loop.rate > 0 else math.nan
-        line = f"   {r.engine:<9} {r.samples:>8,} {r.seconds:>8.2f} {r.rate:>12,.1f} {ratio:>7.1f}x"
-        if peak:
-            share = 100 * r.rate * flops / peak if flops else math.nan
-            tag = " (equiv.)" if r.engine == "shortcut" else ""
-            line += f" {share:>13.2f}%{tag}"
-        values = r.values / m0 if r.values is not None else None
-        setup = f"setup {r.setup_s:.1f} s; " if r.setup_s else ""
-        print(line + f"   {summary(values):<34} {setup}{r.note}")
+        ratio = e.rate / loop.rate if loop is not None else math.nan
+        line = f"   {e.name:<9} {e.samples:>9,} {e.seconds:>8.2f} {e.rate:>11,.1f} {ratio:>7.1f}x"
+        if cpu:
+            cpu_ratio = e.cpu_rate / loop.cpu_rate if loop is not None else math.nan
+            line += f" {e.cpu_rate:>11,.1f} {cpu_ratio:>7.1f}x"
+        tag = "*" if e.equivalent or e.name == "ens+proj" else " "
+        values = np.concatenate(e.values) / m0
+        setup = f"setup {e.setup_s:.1f} s; " if e.setup_s else ""
+        line += f" {e.rate * flops / 1e9:>7.1f}{tag} {100 * e.rate * flops / peak:>6.1f}%"
+        print(line + f"   {summary(values):<33} {setup}{e.note}")
+    if loop is not None:
+        ceiling = peak / flops
+        print(
+            f"   the loop runs at {100 * loop.rate * flops / peak:.1f}% of the matmul peak; an engine doing "
+            f"every FLOP at the peak would do {ceiling:,.0f} samples/s = {ceiling / loop.rate:.1f}x the loop"
+        )
+    if any(e.samples and (e.equivalent or e.name == "ens+proj") for e in engines):
+        print("   * equivalent GFLOP/s: the FLOPs of the forward passes the engine stands in for")
+
+
+def describe(module: nn.Module, x: torch.Tensor, flops: float) -> str:
+    params = sum(p.numel() for p in module.parameters())
+    return f"input {list(x.shape)}, {params:,} parameters, {flops / 1e6:.1f} MFLOP per forward"
+
+
+def _has_bn(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def bench_model(
+    title: str,
+    module: nn.Module,
+    x: torch.Tensor,
+    device: torch.device,
+    args: argparse.Namespace,
+    peak: float,
+    flops: float,
+) -> None:
+    bn = _has_bn(module)
+    m0 = float(x.double().pow(2).mean())
+    lines = [describe(module, x, flops), f"draw bound: {draw_bound(module, device):,.0f} networks/s"]
+    kwargs = {"batchnorm": "train" if bn else "eval", "chunk": args.chunk}
+    engines = [
+        ensemble_engine(module, x, device, args.seed, project=False, **kwargs),
+        ensemble_engine(module, x, device, args.seed, project=True, **kwargs),
+        shortcut_engine(module, x, device, args.seed),
+    ]
+    module.to(device)
+    loop = loop_engine(module, x, device, train=bn)
+    loop.run(2)  # type: ignore[misc]  # warm-up
+    lines.append(loop_split(module, x, device, min(1.0, args.budget / 10)))
+    engines.insert(0, loop)
+    timed_rounds(engines, device, args.budget, args.rounds)
+    report(title, engines, flops, peak, m0, lines, cpu=device.type == "cpu")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--samples", type=int, default=None, help="ensemble samples (default: per model)")
-    parser.add_argument("--loop-samples", type=int, default=None)
-    parser.add_argument("--shortcut-samples", type=int, default=None)
-    parser.add_argument("--quick", action="store_true", help="small counts: a smoke run")
-    parser.add_argument(
-        "--budget",
-        type=float,
-        default=None,
-        help="seconds per timed engine run, at most (default 15; quick 3)",
-    )
+    parser.add_argument("--quick", action="store_true", help="short budgets: a smoke run")
+    parser.add_argument("--budget", type=float, default=None, help="seconds per engine (12; quick 1.5)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument("--chunk", type=int, default=None, help="ensemble chunk (default: engine's)")
     parser.add_argument("--depth", type=int, default=64)
     parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--channels", type=int, default=16)
+    parser.add_argument("--models", default="mlp,cnn,cnn-bn", help="comma-separated: mlp, cnn, cnn-bn")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
@@ -345,63 +495,51 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device", file=sys.stderr)
         return 2
+    args.budget = args.budget or (1.5 if args.quick else 12.0)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    scale = 0.1 if args.quick else 1.0
-    budget = args.budget or (3.0 if args.quick else 15.0)
-
-    def count(default: int, given: int | None) -> int:
-        return given if given is not None else max(4, int(default * scale))
-
     name = torch.cuda.get_device_name(device) if cuda else f"{os.cpu_count()} CPUs"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, {args.device} ({name}), {threads} threads, load average {load:.1f}")
-    if not cuda and threads > 1 and load > (os.cpu_count() or 1) - 0.5:
-        print("note: the CPUs are busy; multi-threaded torch ops then stall at OpenMP barriers and the")
-        print("      figures swing 10x between runs. Compare engines with --threads 1 on a shared machine.")
-    peak = matmul_peak(device) if cuda else None
-    if peak:
-        tf32 = torch.backends.cuda.matmul.allow_tf32
-        print(f"matmul peak (float32 8192^3, TF32 {tf32}): {peak / 1e12:.1f} TFLOP/s")
+    print(f"python benchmarks/bench_mc.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
+    peak = matmul_peak(device)
+    what = f"float32 8192^3, TF32 {torch.backends.cuda.matmul.allow_tf32}" if cuda else "sgemm 2048^3"
+    print(f"matmul peak ({what}): {peak / 1e9:,.1f} GFLOP/s")
 
-    seed = args.seed
-    torch.manual_seed(seed)  # the modules' construction-time init; the engines use their own generators
-    g = torch.Generator(device=device).manual_seed(seed)
-
-    model = mlp(args.depth, args.width).to(device)
-    he_init(model)
-    x = torch.randn(1, args.width, generator=g, device=device)
-    m0 = float(x.double().pow(2).mean())
-    flops = float(
-        2 * sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
-    )
-    results = [
-        run_loop(model, x, count(2_000 if cuda else 150, args.loop_samples), device, budget),
-        run_ensemble_engine(model, x, count(50_000 if cuda else 300, args.samples), device, seed, budget),
-        run_shortcut(model, x, count(2_000_000 if cuda else 30_000, args.shortcut_samples), device, seed),
-    ]
-    report(
-        f"MLP: {args.depth} x Linear({args.width}, {args.width}) + ReLU, He; "
-        f"{flops / 1e6:.1f} MFLOP per forward",
-        results, draw_bound(model, device), flops, peak, m0,
-    )  # fmt: skip
-
-    cnn = SmallResNet().to(device)
-    he_init(cnn)
+    torch.manual_seed(args.seed)  # the modules' construction-time init; the engines use their own generators
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if "mlp" in models:
+        model = mlp(args.depth, args.width).to(device)
+        he_init(model)
+        exact_he(model)
+        x = torch.randn(1, args.width, generator=g, device=device)
+        flops = float(
+            2 * sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
+        )
+        bench_model(f"MLP: {args.depth} x Linear({args.width}, {args.width}) + ReLU, He", model, x, device,
+                    args, peak, flops)  # fmt: skip
     image = torch.randn(1, 3, 32, 32, generator=g, device=device)
-    m0 = float(image.double().pow(2).mean())
-    cnn_flops = forward_flops(cnn, image)
-    results = [
-        run_loop(cnn, image, count(2_000 if cuda else 300, args.loop_samples), device, budget),
-        run_ensemble_engine(cnn, image, count(20_000 if cuda else 1_000, args.samples), device, seed, budget),
-        run_shortcut(cnn, image, count(1000, args.shortcut_samples), device, seed),
-    ]
-    report(
-        f"residual CNN: conv 3->16, 3 blocks of 2 convs 3x3 at 32x32, pool, linear; "
-        f"{cnn_flops / 1e6:.1f} MFLOP per forward (M_L: the logits)",
-        results, draw_bound(cnn, device), cnn_flops, peak, m0,
-    )  # fmt: skip
+    c = args.channels
+    if "cnn" in models:
+        cnn = SmallResNet(c).to(device)
+        he_init(cnn)
+        exact_he(cnn)
+        bench_model(
+            f"residual CNN: conv 3->{c}, 3 blocks y + conv(relu(conv(relu(y)))) 3x3 at 32x32, pool, linear "
+            f"{c}->10 (M_L: the logits)",
+            cnn, image, device, args, peak, forward_flops(cnn, image),
+        )  # fmt: skip
+    if "cnn-bn" in models:
+        bn = BNResNet(c).to(device)
+        he_init(bn)
+        exact_he(bn)
+        bench_model(
+            f"residual CNN with BatchNorm (CIFAR-style): conv-BN-ReLU 3->{c}, 3 blocks "
+            f"relu(y + BN(conv(relu(BN(conv(y)))))), pool, linear {c}->10; BN on batch statistics",
+            bn, image, device, args, peak, forward_flops(bn, image),
+        )  # fmt: skip
     return 0
 
 
