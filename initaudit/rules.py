@@ -827,6 +827,110 @@ def _strained_assumptions(graph: LayerGraph, pred: Prediction) -> str:
     return "; ".join(reasons)
 
 
+#: Relative gradients ||dL/dW|| / ||W|| of the hidden layers spanning more than this within one
+#: init: one learning rate moves the slowest layer this many times slower than the fastest.
+_SPREAD_INFO, _SPREAD_WARNING = 10.0, 100.0
+
+
+@rule(
+    "IA402",
+    "gradient-spread",
+    Severity.WARNING,
+    "At init, hidden layers' gradients span orders of magnitude: one learning rate cannot train them all.",
+    """
+With --curvature, the squared loss on random targets is differentiated at a few random inits
+(THEORY.md section 5). For every hidden layer (a weight feeding an activation) the relative
+gradient ||dL/dW|| / ||W|| is the step plain SGD takes on that layer, relative to the layer,
+per unit learning rate. In a well-initialized net these agree within a small factor (He:
+forward and backward lengths are both preserved, Hanin 2018); when they span orders of
+magnitude within one init, a learning rate small enough for the fastest layer leaves the
+slowest where it started: exploding/vanishing gradients. The spread is the largest over the
+smallest relative gradient within one init, and the finding reports its median over inits:
+above 10 it is a note, above 100 (two orders of magnitude) a warning. Deep narrow nets show
+it through fluctuations (ln ||dL/dW||^2 is a random walk in depth with variance ~ 5/n per
+layer), badly scaled inits or bias floors through a drift (PyTorch's default init: the backward
+signal shrinks by 1/6 per layer while the biases hold the forward one up). Fix: the init (He
+for ReLU layers) and the width the FM1/FM2 findings ask for; adaptive optimizers (Adam) only
+partly compensate.
+""",
+)
+def _gradient_spread(graph: LayerGraph, pred: Prediction, th: Thresholds) -> Iterator[Finding]:
+    curv = _curvature(pred)
+    if curv is None:
+        return
+    keys = _hidden_weight_keys(graph, pred)
+    spreads: list[float] = []
+    for init in curv.per_init:
+        rel = {
+            k: init.grad_norms[k] / init.param_norms[k]
+            for k in keys
+            if init.param_norms.get(k, 0.0) > 0 and k in init.grad_norms
+        }
+        if len(rel) >= 3 and min(rel.values()) > 0:
+            spreads.append(max(rel.values()) / min(rel.values()))
+    if not spreads:
+        return
+    spread = _median(spreads)
+    if spread <= _SPREAD_INFO:
+        return
+    medians = {k: v for k, v in curv.relative_gradients().items() if k in keys}
+    slow = min(medians, key=medians.__getitem__) if medians else ""
+    fast = max(medians, key=medians.__getitem__) if medians else ""
+    names = {key: name for name, key in _tensor_keys(graph, pred).items()}
+    severity = Severity.WARNING if spread > _SPREAD_WARNING else Severity.INFO
+    yield Finding(
+        code="IA402",
+        severity=severity,
+        message=(
+            f"at init the hidden layers' relative gradients ||dL/dW||/||W|| span {_fmt(spread)}x "
+            f"(median over {len(spreads)} inits): `{names.get(slow, slow)}` gets the smallest, "
+            f"`{names.get(fast, fast)}` the largest"
+        ),
+        location=names.get(slow, slow),
+        fix="use He init (variance 2/fan-in for ReLU) and the width FM2 asks for; the gradient then "
+        "reaches every layer at a similar scale",
+        evidence={
+            "spread": spread,
+            "spreads": spreads,
+            "slowest": names.get(slow, slow),
+            "fastest": names.get(fast, fast),
+            "relative_gradients": {names.get(k, k): v for k, v in medians.items()},
+        },
+    )
+
+
+def _curvature(pred: Prediction) -> Any:
+    measured = pred.measured
+    curv = getattr(measured, "curvature", None) if measured is not None else None
+    return curv if curv is not None and getattr(curv, "per_init", None) else None
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+
+
+def _tensor_keys(graph: LayerGraph, pred: Prediction) -> dict[str, str]:
+    """{tensor name in the graph -> state-dict key in the measured program}."""
+    names = getattr(pred.measured, "tensor_keys", None) or {}
+    return {
+        layer.weight.name: names.get(layer.weight.name, layer.weight.name)
+        for layer in graph.linear_layers()
+        if layer.weight is not None
+    }
+
+
+def _hidden_weight_keys(graph: LayerGraph, pred: Prediction) -> set[str]:
+    """Program keys of the weights that feed an activation (hidden layers, not heads)."""
+    keys = _tensor_keys(graph, pred)
+    return {
+        keys[layer.weight.name]
+        for layer in graph.linear_layers()
+        if layer.weight is not None and graph.following_activation(layer.name) not in (None, "identity")
+    }
+
+
 @rule(
     "IA501",
     "non-finite-weights",

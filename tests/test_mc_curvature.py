@@ -297,3 +297,65 @@ def test_pytorch_default_init_starves_the_first_layers_of_gradient() -> None:
     # He keeps the gradient norms of all layers within a small factor of each other
     he_norms = [he[f"{2 * j}.weight"] for j in range(depth)]
     assert max(he_norms) < 10 * min(he_norms)
+
+
+def _graph_and_prediction(net: torch.nn.Module, width: int):
+    from initaudit.frontends.torch_graph import graph_from_module
+    from initaudit.theory.propagate import predict
+
+    graph = graph_from_module(net, (torch.randn(1, width),), source="mlp", fmt="torch")
+    return graph, predict(graph)
+
+
+def _with_head(depth: int, width: int, he: bool) -> torch.nn.Sequential:
+    net = _relu_mlp(depth, width, he)
+    return torch.nn.Sequential(*net, torch.nn.ReLU(), torch.nn.Linear(width, 10))
+
+
+@pytest.mark.parametrize(
+    ("depth", "width", "he", "severity"),
+    [(64, 16, True, "info"), (3, 256, True, None), (10, 64, False, "warning"), (10, 64, True, None)],
+    ids=["deep-narrow-he", "shallow-wide-he", "pytorch-default", "he-10x64"],
+)
+def test_gradient_spread_rule(depth: int, width: int, he: bool, severity: str | None) -> None:
+    """IA402 through `check --mc --curvature`'s path: deep narrow He (ln of a layer's gradient is a
+    random walk in depth, variance ~ 5/n per layer: spread ~ 20x) and PyTorch's default init
+    (a drift: ~250x) fire; a shallow wide He net (spread ~ 1.1) and a moderate He net (~ 2) do not."""
+    from initaudit.montecarlo.measure import MCOptions, measure
+    from initaudit.rules import evaluate
+
+    graph, pred = _graph_and_prediction(_with_head(depth, width, he), width)
+    pred.measured = measure(graph, pred, MCOptions(samples=20, seed=0, curvature=True))
+    curv = pred.measured.curvature
+    assert len(curv.per_init) == 5 and set(curv.relative_gradients()) == {
+        k for k, shape in curv.shapes.items() if len(shape) == 2
+    }
+    found = [f for f in evaluate(graph, pred) if f.code == "IA402"]
+    if severity is None:
+        assert not found
+        return
+    (finding,) = found
+    assert str(finding.severity) == severity
+    spread = finding.evidence["spread"]
+    assert spread > (100 if severity == "warning" else 10)
+    # the spread is recomputed from the per-init numbers, hidden layers only (the head is excluded)
+    hidden = [f"{2 * j}.weight" for j in range(depth)]
+    per_init = sorted(
+        max(r.grad_norms[k] / r.param_norms[k] for k in hidden)
+        / min(r.grad_norms[k] / r.param_norms[k] for k in hidden)
+        for r in curv.per_init
+    )
+    assert spread == pytest.approx(per_init[2], rel=1e-12)
+    if not he:  # the drift starves the first layers and feeds the last
+        assert finding.location in ("0.weight", "2.weight")
+        assert finding.evidence["fastest"] == f"{2 * depth - 2}.weight"
+
+
+def test_curvature_alone_measures_no_taps() -> None:
+    """`--curvature` without `--mc`: the curvature is measured, no network is sampled for lengths."""
+    from initaudit.montecarlo.measure import MCOptions, measure
+
+    graph, pred = _graph_and_prediction(_with_head(4, 32, True), 32)
+    result = measure(graph, pred, MCOptions(samples=0, seed=0, curvature=True))
+    assert result.taps == {} and result.engine == "none" and math.isnan(result.var_hat[0])
+    assert len(result.curvature.per_init) == 5 and result.curvature.top_eigenvalue > 0

@@ -8,6 +8,8 @@ frontend for the layer widths.
 from __future__ import annotations
 
 import importlib.util
+import itertools
+import math
 import sys
 import types
 from pathlib import Path
@@ -574,3 +576,137 @@ def test_onnx2torch_imports_without_a_working_torchvision(
     with pytest.raises(ConversionError, match="needs torchvision") as info:
         onnx_program(nms, (1, 4, 4))
     assert info.value.op == "NonMaxSuppression"
+
+
+# --------------------------------------------------------------------------- Monte Carlo taps
+
+
+@pytest.mark.parametrize(
+    ("name", "shape"), [("residual_mlp_scaled.onnx", (1, 64)), ("small_he_cnn_bn.onnx", (1, 3, 32, 32))]
+)
+def test_measure_taps_each_layer_at_its_onnx_value(name: str, shape: tuple[int, ...]) -> None:
+    """Every layer's tap is the fx node computing the ONNX value the layer stands for (a fused
+    MatMul + bias Add: after the Add): M_j of one fixed-weight network equals the mean square of
+    that value under onnx's reference evaluator."""
+    from initaudit.montecarlo.ensemble import program_parameters, run_ensemble
+    from initaudit.montecarlo.measure import _program
+    from initaudit.montecarlo.resample import resample
+
+    path = SAMPLES / name
+    graph = load_graph(path, input_shape=shape)
+    program, taps, _, names = _program(graph)
+    model = onnx.load(str(path))
+    nodes = {n.name: n for n in model.graph.node}
+    expected = {}  # the frontend's convention: a layer is its (last fused) node's first output
+    for layer in graph:
+        last = layer.attrs.get("fused", [layer.name])[-1]
+        expected[layer.name] = nodes[last].output[0] if last in nodes else layer.name
+    fused = [layer for layer in graph if len(layer.attrs.get("fused", [])) > 1]
+    assert len(fused) == (102 if name.startswith("residual") else 0)  # stem, 100 branch layers, head
+    assert all(expected[layer.name] != nodes[layer.name].output[0] for layer in fused)  # after the Add
+    kinds = {"activation", "add", "dense", "conv"}
+    assert {layer.name for layer in graph if layer.kind.value in kinds} <= set(taps)
+    assert set(names) == {t.name for t in model.graph.initializer if t.name in names}  # ONNX names
+
+    x = np.random.default_rng(4).standard_normal(shape).astype(np.float32)
+    sampled = resample(program_parameters(program), "inputs", 1, torch.Generator().manual_seed(0))
+    got = run_ensemble(program, taps, torch.from_numpy(x), sampled, chunk=1)
+    reference = ReferenceEvaluator(model).run([expected[k] for k in taps], {graph.inputs[0]: x})
+    for (layer, _), want in zip(taps.items(), reference, strict=True):
+        m = float(np.mean(np.asarray(want, dtype=np.float64) ** 2))
+        assert float(got[layer][0]) == pytest.approx(m, rel=1e-4), layer
+
+
+def test_scheme_resampling_reads_fan_in_through_the_initializer_map(tmp_path: Path) -> None:
+    """ONNX MatMul weights are (in, out): by PyTorch's layout their fans would be swapped, and
+    under the wrong fans no scheme matches. Through the bridge's map, each is PyTorch's default."""
+    from initaudit.montecarlo.ensemble import program_parameters
+    from initaudit.montecarlo.measure import _program, resample_fan_in
+    from initaudit.montecarlo.resample import resample_laws
+
+    rng = np.random.default_rng(0)
+    widths, nodes, inits, h = [16, 48, 16, 48], [], [], "x"
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
+        inits.append(_array(f"w{i}", rng.uniform(-1 / math.sqrt(a), 1 / math.sqrt(a), (a, b))))
+        nodes += [
+            helper.make_node("MatMul", [h, f"w{i}"], [f"m{i}"], name=f"fc{i}"),
+            helper.make_node("Relu", [f"m{i}"], [f"r{i}"], name=f"relu{i}"),
+        ]
+        h = f"r{i}"
+    nodes.append(helper.make_node("Identity", [h], ["y"], name="out"))
+    model = _model(nodes, inits, [1, widths[-1]], x=(1, 16))
+    path = tmp_path / "mlp.onnx"
+    onnx.save(model, str(path))
+    graph = load_graph(path)
+    program, _, _, names = _program(graph)
+    params = program_parameters(program)
+    fan_in = resample_fan_in(graph, names)
+    assert sorted(fan_in.values()) == [16, 16, 48] and set(fan_in) <= set(params)
+    laws = resample_laws(params, "scheme", fan_in=fan_in)
+    for key, fin in fan_in.items():
+        assert laws[key].label == "pytorch_default"
+        assert laws[key].std == pytest.approx(math.sqrt(1 / (3 * fin)), rel=1e-9)
+
+
+# --------------------------------------------------------------------------- embeddings
+
+
+def test_onnx_gather_on_an_initializer_is_an_embedding() -> None:
+    """onnx2torch turns Gather(table, ids) into aten.index.Tensor(table, [ids]): the torch graph
+    reads it as the lookup that starts the signal, with the table's width."""
+    rng = np.random.default_rng(1)
+    table = _array("emb.weight", rng.standard_normal((50, 16)))
+    weight = _array("fc.weight", rng.standard_normal((16, 16)) * math.sqrt(2 / 16))
+    nodes = [
+        helper.make_node("Gather", ["emb.weight", "ids"], ["h0"], name="embed", axis=0),
+        helper.make_node("MatMul", ["h0", "fc.weight"], ["h1"], name="fc"),
+        helper.make_node("Relu", ["h1"], ["y"], name="relu"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 16])],
+        [table, weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    values: dict[str, str] = {}
+    program, mapping = onnx_program(model, (1, 8), value_nodes=values)
+    torch_graph = graph_from_exported(program, source="gather", fmt="onnx")
+    source = torch_graph[torch_graph.inputs[0]]
+    assert source.kind.value == "input" and source.width == 16
+    assert source.attrs["embedding"] == mapping["emb.weight"]
+    assert torch_graph.meta["_nodes"][source.name] == values["h0"]
+    dense = torch_graph.linear_layers()
+    assert [(layer.fan_in, layer.width, layer.inputs) for layer in dense] == [(16, 16, [source.name])]
+
+
+def test_table_lookup_in_a_torch_module_is_an_embedding_and_is_measured() -> None:
+    """``self.table[ids]`` (aten.index.Tensor on a parameter) starts the signal like nn.Embedding,
+    so Monte Carlo runs such a model and measures the lookup (E[M] = the table's mean square)."""
+    from initaudit.frontends.torch_graph import graph_from_module
+    from initaudit.montecarlo.measure import MCOptions, measure
+    from initaudit.theory.propagate import predict
+
+    class Lookup(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = torch.nn.Parameter(torch.randn(40, 32, generator=torch.Generator().manual_seed(0)))
+            self.fc = torch.nn.Linear(32, 32)
+            torch.nn.init.kaiming_normal_(self.fc.weight, nonlinearity="relu")
+            torch.nn.init.zeros_(self.fc.bias)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.fc(self.table[ids]))
+
+    ids = torch.arange(16).reshape(1, 16)
+    graph = graph_from_module(Lookup(), (ids,), source="lookup", fmt="torch")
+    source = graph[graph.inputs[0]]
+    assert source.attrs["embedding"] == "table" and source.width == 32
+    pred = predict(graph)
+    result = measure(graph, pred, MCOptions(samples=300, resample="gaussian", seed=1))
+    est = result.taps[source.name]
+    assert est.samples == 300 and math.isfinite(est.mean) and est.mean > 0
+    relu = next(layer.name for layer in graph if layer.kind.value == "activation")
+    assert relu in result.taps and result.taps[relu].samples == 300

@@ -860,6 +860,8 @@ class _FxWalker:
             label = f"aten.{op}" if node.op == "call_function" and "aten" in str(node.target) else op
             name = self.layer_name(node, op, kw)
         signals = _signals(kw)
+        if op != "embedding" and (table := _lookup_table(op, kw)) is not None:
+            op, kw = "embedding", {"weight": table, "indices": _OPAQUE}  # onnx2torch's Gather, table[ids]
         if op == "embedding" and isinstance(kw.get("weight"), _Param):
             return self.b.add_source(
                 _embedding(self.b, _Call(self.b.unique(name), op, label, kw, _shape_of(val)))
@@ -880,6 +882,28 @@ class _FxWalker:
             return _OPAQUE  # comparisons, argmax, sizes, asserts: no longer the signal
         call = _Call(self.b.unique(name), op, label, kw, _shape_of(val), signals)
         return self.b.run(call)
+
+
+def _lookup_table(op: str, kw: dict[str, Any]) -> _Param | None:
+    """The table of a row lookup written without ``embedding``: ``aten.index.Tensor(table, [ids])``
+    (``table[ids]``, and what onnx2torch makes of ONNX's Gather on an initializer) or
+    ``index_select(table, 0, ids)``. The table is a 2-D float parameter and the ids carry no signal."""
+    if op == "index":
+        table = kw.get("self", kw.get("input", kw.get("arg0")))
+        indices = kw.get("indices", kw.get("arg1"))
+        rows = isinstance(indices, list | tuple) and len(indices) == 1 and indices[0] is not None
+        ids = indices[0] if rows else None  # type: ignore[index]
+    elif op == "index_select":
+        table = kw.get("self", kw.get("input", kw.get("arg0")))
+        ids = kw.get("index", kw.get("arg2"))
+        rows = kw.get("dim", kw.get("arg1")) == 0
+    else:
+        return None
+    if not rows or not isinstance(table, _Param) or isinstance(ids, _Sig):
+        return None
+    tensor = table.tensor
+    shape = tuple(getattr(tensor, "shape", ()))
+    return table if len(shape) == 2 and bool(getattr(tensor, "is_floating_point", lambda: False)()) else None
 
 
 def _exported_params(ep: Any) -> dict[str, _Param]:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -54,6 +54,7 @@ class InitCurvature:
     loss: float
     grad_norms: dict[str, float]  # state-dict key -> ||dL/dtheta||_2
     method: str  # "autograd" (double backward) or "finite-difference"
+    param_norms: dict[str, float] = field(default_factory=dict)  # state-dict key -> ||theta||_2
 
 
 @dataclass
@@ -67,6 +68,26 @@ class CurvatureResult:
     parameters: int  # scalar parameters the Hessian is over
     output_entries: int  # N in the loss
     seconds: float
+    shapes: dict[str, list[int]] = field(default_factory=dict)  # state-dict key -> shape
+
+    def relative_gradients(self) -> dict[str, float]:
+        """Weight matrix/kernel (2-D or more, nonzero) -> median over inits of ||dL/dW|| / ||W||.
+
+        This is the step SGD takes on a layer relative to the layer's size, per unit learning
+        rate: where it differs by orders of magnitude across layers, one learning rate cannot
+        train them all (Hanin 2018's exploding and vanishing gradients)."""
+        out: dict[str, float] = {}
+        for key, shape in self.shapes.items():
+            if len(shape) < 2:
+                continue
+            ratios = [
+                r.grad_norms[key] / r.param_norms[key]
+                for r in self.per_init
+                if r.param_norms.get(key, 0.0) > 0 and key in r.grad_norms
+            ]
+            if ratios:
+                out[key] = float(np.median(ratios))
+        return out
 
     @property
     def top_eigenvalues(self) -> list[float]:
@@ -85,7 +106,8 @@ class CurvatureResult:
         return [r.iterations for r in self.per_init]
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready (nan becomes None)."""
+        """JSON-ready (nan becomes None). Shapes and parameter norms stay out: the report
+        schema has no place for them (IA402's evidence carries the relative gradients)."""
 
         def clean(v: Any) -> Any:
             if isinstance(v, float) and not math.isfinite(v):
@@ -96,7 +118,11 @@ class CurvatureResult:
                 return [clean(u) for u in v]
             return v
 
-        return clean(asdict(self))
+        data = asdict(self)
+        data.pop("shapes", None)
+        for init in data["per_init"]:
+            init.pop("param_norms", None)
+        return clean(data)
 
 
 def gaussian_redraw(params: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -473,6 +499,7 @@ def curvature(
                 loss=obj.loss,
                 grad_norms=obj.grad_norms,
                 method=obj.method,
+                param_norms={k: float(params[k].detach().double().norm()) for k in own},
             )
         )
         del obj
@@ -485,4 +512,5 @@ def curvature(
         parameters=parameters,
         output_entries=output_entries,
         seconds=time.perf_counter() - start,
+        shapes={k: list(p.shape) for k, p in own.items()},
     )

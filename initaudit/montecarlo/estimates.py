@@ -16,7 +16,8 @@ Standard errors are large-sample ones from the same samples:
   (the prediction's ``spread``) by the delta method. Trust these only where the tails are
   light (THEORY: L/n <~ 0.2): on log-normal samples the se's are right within 5% for
   Var ln r = 0.09, but 10-20% low at 0.36 and 20-50% low at 1 (n = 500-2000); the mean,
-  median and log-moment se's stay within 7% at Var ln r = 1.
+  median and log-moment se's stay within 7% at Var ln r = 1. ``second_se_approximate`` marks
+  the taps where ``Var ln r > 0.25`` (HEAVY_TAIL_LOG_VAR), where those se's run 10% low or worse.
 
 Non-finite samples (NaN, or inf from an overflowing float32 network) are left out of every
 statistic and counted in ``nonfinite``.
@@ -31,6 +32,8 @@ from typing import Any
 import numpy as np
 
 _Z = 1.959963984540054  # two-sided 95% normal quantile, for the median's order statistics
+#: Above this Var ln r the second moment's and spread's standard errors run 10% low or worse.
+HEAVY_TAIL_LOG_VAR = 0.25
 
 
 @dataclass(frozen=True)
@@ -54,8 +57,14 @@ class TapEstimate:
     zeros: int = 0  # samples with M_j = 0: left out of the log-moments
     nonfinite: int = 0  # NaN or inf samples: left out of everything
 
+    @property
+    def second_se_approximate(self) -> bool:
+        """True where the tails are heavy enough that ``second_se`` and ``spread_se`` are
+        approximate (biased low): Var ln r above :data:`HEAVY_TAIL_LOG_VAR`, or unknown."""
+        return not (math.isfinite(self.log_var) and self.log_var <= HEAVY_TAIL_LOG_VAR)
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "second_se_approximate": self.second_se_approximate}
 
 
 def estimate(values: np.ndarray, m0: float | np.ndarray, *, name: str = "") -> TapEstimate:

@@ -60,6 +60,9 @@ class Measurement:
     notes: list[str] = field(default_factory=list)
     #: Whether measurement and prediction describe the same thing (IA401 compares them only then).
     comparable: bool = True
+    #: {tensor name in the graph -> state-dict key in the measured program} where they differ
+    #: (ONNX initializers); curvature's per-parameter numbers are keyed by the latter.
+    tensor_keys: dict[str, str] = field(default_factory=dict)
 
     @property
     def samples_per_second(self) -> float:
@@ -81,14 +84,16 @@ def resolve_device(device: str) -> str:
 def measure(
     graph: LayerGraph, prediction: Prediction, options: MCOptions, progress: Progress | None = None
 ) -> Measurement:
-    """Run ``options.samples`` fresh networks and estimate M_j at every tap of ``prediction``."""
+    """Run ``options.samples`` fresh networks and estimate M_j at every tap of ``prediction``.
+
+    With ``samples == 0`` and ``curvature``, only the curvature is measured (no taps)."""
     if graph.meta.get("audit") == "weights-only":
         raise MonteCarloUnavailable("Monte Carlo needs an architecture: pass --model pkg.module:factory")
     if options.resample not in RESAMPLE_SCHEMES:
         raise MonteCarloUnavailable(
             f"--resample {options.resample!r}: expected one of {', '.join(RESAMPLE_SCHEMES)}"
         )
-    if options.samples < 2:
+    if options.samples < 2 and not (options.samples == 0 and options.curvature):
         raise MonteCarloUnavailable("--mc needs at least 2 samples")
     import torch
 
@@ -98,7 +103,9 @@ def measure(
     values: dict[str, np.ndarray] | None = None
     engine = "ensemble"
     notes: list[str] = []
-    if options.resample == "gaussian":
+    if options.samples == 0:
+        values, engine = {}, "none"
+    elif options.resample == "gaussian":
         from initaudit.montecarlo.shortcut import shortcut_chain
 
         values = shortcut_chain(graph, options.samples, generator, device)
@@ -106,10 +113,10 @@ def measure(
             engine = "shortcut"
             if progress is not None:
                 progress(options.samples, options.samples)
-    program, taps = None, {}
+    program, taps, names = None, {}, {}
     if values is None:
-        program, taps, notes = _program(graph)
-        values = _run_ensemble(program, taps, graph, options, generator, device, progress)
+        program, taps, notes, names = _program(graph)
+        values = _run_ensemble(program, taps, graph, options, generator, device, progress, names)
     seconds = time.perf_counter() - start
     estimates, var_hat = _estimates(prediction, values)
     result = Measurement(
@@ -121,7 +128,17 @@ def measure(
         taps=estimates,
         var_hat=var_hat,
         notes=notes,
+        tensor_keys=dict(names),
     )
+    heavy = [name for name, est in estimates.items() if est.second_se_approximate and est.samples > 1]
+    if heavy:
+        from initaudit.montecarlo.estimates import HEAVY_TAIL_LOG_VAR
+
+        result.notes.append(
+            f"second moments (E[(M/M0)^2], spread): their standard errors are approximate, 10-50% low, at "
+            f"{len(heavy)} tap(s) where Var ln M > {HEAVY_TAIL_LOG_VAR} (heavy tails; first: `{heavy[0]}`); "
+            "the mean, median and log-moments are not affected"
+        )
     if any(layer.attrs.get("norm") == "batch" for layer in graph):
         # The program runs BatchNorm on its running statistics (inference); at init those are
         # (0, 1), while training normalizes by batch statistics, as the prediction does.
@@ -134,8 +151,9 @@ def measure(
         from initaudit.montecarlo.curvature import curvature
 
         if program is None:
-            program, taps, more = _program(graph)
+            program, taps, more, names = _program(graph)
             result.notes.extend(more)
+            result.tensor_keys = dict(names)
         x = _input(program, graph, generator)
         # A few inits at a working precision: the top eigenvalue to 0.1% is plenty for a verdict.
         result.curvature = curvature(
@@ -144,40 +162,98 @@ def measure(
     return result
 
 
-def _program(graph: LayerGraph) -> tuple[Any, dict[str, str], list[str]]:
-    """The ExportedProgram to run and {layer -> fx node} for its taps."""
+def _program(graph: LayerGraph) -> tuple[Any, dict[str, str], list[str], dict[str, str]]:
+    """The ExportedProgram to run, {layer -> fx node} for its taps, notes, and {tensor name in
+    the graph -> the program's state-dict key} where the two differ (ONNX initializers)."""
     program = graph.meta.get("_program")
     if program is not None:
-        return program, dict(graph.meta.get("_nodes", {})), []
+        return program, dict(graph.meta.get("_nodes", {})), [], {}
     if graph.format == "onnx":
         return _onnx_program(graph)
     extraction = graph.meta.get("extraction", "this tracer")
     raise MonteCarloUnavailable(f"the graph came from {extraction}, which gives no runnable program")
 
 
-def _onnx_program(graph: LayerGraph) -> tuple[Any, dict[str, str], list[str]]:
-    """Convert through onnx2torch; taps are matched to the ONNX layers by position, kind and width."""
-    from initaudit.frontends.torch_graph import graph_from_exported
+#: Layer kinds whose output is a float signal worth a tap.
+_TAPPED = frozenset({"input", "dense", "conv", "activation", "norm", "scale", "pool", "add", "concat"})
+
+
+def _onnx_program(graph: LayerGraph) -> tuple[Any, dict[str, str], list[str], dict[str, str]]:
+    """Convert through onnx2torch; each layer taps the fx node computing its ONNX value.
+
+    A layer of the ONNX frontend is named after its node and stands for that node's output;
+    a fused layer (MatMul + bias Add, a GELU or LayerNorm idiom) for the output that leaves
+    the fused nodes (after the Add). The bridge maps ONNX values to the fx nodes computing
+    them, so a tap sits on exactly the value the layer describes.
+    """
+    import onnx
+
     from initaudit.montecarlo.onnx_bridge import onnx_program
 
     input_layer = graph[graph.inputs[0]] if graph.inputs else None
     shape = tuple(input_layer.shape or ()) if input_layer is not None else ()
     if not shape or any(d is None for d in shape):
         raise MonteCarloUnavailable("the ONNX input shape is symbolic: pass --input-shape")
+    values: dict[str, str] = {}
     try:
-        program, _ = onnx_program(graph.source, shape)
+        program, init_map = onnx_program(graph.source, shape, value_nodes=values)
     except InitauditError as error:
         raise MonteCarloUnavailable(f"cannot run the ONNX graph in torch: {error}") from None
-    torch_graph = graph_from_exported(program, source=graph.source, fmt="onnx")
-    nodes = torch_graph.meta["_nodes"]
-    ours = [layer for layer in graph if layer.kind.value in ("activation", "add", "dense", "conv")]
-    theirs = [layer for layer in torch_graph if layer.kind.value in ("activation", "add", "dense", "conv")]
-    if [(a.kind, a.width) for a in ours] != [(b.kind, b.width) for b in theirs]:
-        raise MonteCarloUnavailable("the converted torch graph does not line up with the ONNX graph's layers")
-    taps = {a.name: nodes[b.name] for a, b in zip(ours, theirs, strict=True) if b.name in nodes}
-    for name in graph.inputs:
-        taps.setdefault(name, nodes.get(torch_graph.inputs[0], ""))
-    return program, taps, ["Monte Carlo ran the ONNX graph converted by onnx2torch"]
+    proto = onnx.load(graph.source, load_external_data=False)
+    layer_values = onnx_layer_values(graph, proto)
+    taps = {
+        layer.name: values[layer_values[layer.name]]
+        for layer in graph
+        if layer.kind.value in _TAPPED and layer_values.get(layer.name) in values
+    }
+    if not any(layer.kind.value in ("activation", "add") and layer.name in taps for layer in graph):
+        raise MonteCarloUnavailable(
+            "no layer of the ONNX graph could be found in the converted torch program"
+        )
+    return program, taps, ["Monte Carlo ran the ONNX graph converted by onnx2torch"], init_map
+
+
+def onnx_layer_values(graph: LayerGraph, proto: Any) -> dict[str, str]:
+    """{layer name -> the ONNX value it stands for}, for a graph read by the ONNX frontend.
+
+    Layers are named as the frontend names nodes (the node's name where unique, else
+    ``<op>_<index>``, deduplicated against the inputs); a layer's value is its node's first
+    output, or for fused nodes the first output of the last node whose output leaves the group.
+    """
+    nodes = list(proto.graph.node)
+    init_names = {t.name for t in proto.graph.initializer}
+    inputs = [vi.name for vi in proto.graph.input if vi.name not in init_names]
+    counts: dict[str, int] = {}
+    for node in nodes:
+        counts[node.name] = counts.get(node.name, 0) + 1
+    taken = set(inputs)
+    by_name: dict[str, Any] = {}
+    for i, node in enumerate(nodes):
+        base = node.name if node.name and counts[node.name] == 1 else f"{node.op_type}_{i}"
+        name, k = base, 1
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        taken.add(name)
+        by_name[name] = node
+    consumers: dict[str, set[str]] = {}
+    for name, node in by_name.items():
+        for value in node.input:
+            consumers.setdefault(value, set()).add(name)
+    outputs = {o.name for o in proto.graph.output}
+    result = {name: name for name in inputs}
+    for layer in graph:
+        members = [m for m in layer.attrs.get("fused", [layer.name]) if m in by_name]
+        leaving = [
+            by_name[m].output[0]
+            for m in members
+            if by_name[m].output
+            and (by_name[m].output[0] in outputs or consumers.get(by_name[m].output[0], set()) - set(members))
+        ]
+        if leaving:
+            result[layer.name] = leaving[-1]
+        elif layer.name in by_name and by_name[layer.name].output:
+            result[layer.name] = by_name[layer.name].output[0]
+    return result
 
 
 def _input(program: Any, graph: LayerGraph, generator: Any) -> Any:
@@ -200,6 +276,7 @@ def _run_ensemble(
     generator: Any,
     device: str,
     progress: Progress | None,
+    names: dict[str, str] | None = None,
 ) -> dict[str, np.ndarray]:
     import torch
 
@@ -207,9 +284,7 @@ def _run_ensemble(
     from initaudit.montecarlo.resample import resample, resample_laws
 
     params = program_parameters(program)
-    fan_in = {
-        layer.weight.name: layer.fan_in for layer in graph.linear_layers() if layer.weight and layer.fan_in
-    }
+    fan_in = resample_fan_in(graph, names or {})
     laws = resample_laws(params, options.resample, fan_in=fan_in)  # tensor statistics once, not per chunk
     x = _input(program, graph, generator)
     chunk = options.batch or default_chunk(params, device, program=program, samples=options.samples)
@@ -227,6 +302,20 @@ def _run_ensemble(
             progress(done, options.samples)
     m0 = np.concatenate(m0s)
     return {name: np.concatenate([p[name].cpu().numpy() for p in parts]) / m0 for name in parts[0]}
+
+
+def resample_fan_in(graph: LayerGraph, names: dict[str, str]) -> dict[str, int]:
+    """{program state-dict key -> fan-in} of every weight, for ``--resample scheme``.
+
+    The graph names a weight as its file does (an ONNX initializer); the program by its
+    state-dict key, through ``names`` where the two differ. An ONNX MatMul weight is stored
+    (in, out), so PyTorch's layout rule would swap its fans: the graph's fan-in is the truth.
+    """
+    return {
+        names.get(layer.weight.name, layer.weight.name): layer.fan_in
+        for layer in graph.linear_layers()
+        if layer.weight and layer.fan_in
+    }
 
 
 def _unit(x: Any, batched: bool = False) -> Any:

@@ -9,12 +9,18 @@ which resets the length); FM2 on the log-variance of the length at the last tap.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
+
 from initaudit.graph import Kind, Layer, LayerGraph, ResidualBlock
-from initaudit.theory.state import SignalState
+from initaudit.theory.activations import _expect, get_activation
+from initaudit.theory.state import Law, SignalState
 from initaudit.theory.transfer import RULES
+
+#: Kinds that pass a stream's coordinates on one by one (up to a common factor).
+_ELEMENTWISE = (Kind.SCALE, Kind.RESHAPE)
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,7 @@ class Propagator:
         self.blocks = {block.add: block for block in graph.residual_blocks()}
         self.env: dict[str, SignalState] = {}
         self._slopes: dict[str, tuple[float, float]] = {}
+        self._modes: dict[str, tuple[float, float]] = {}
 
     def run(self) -> dict[str, SignalState]:
         for layer in self.graph:
@@ -121,6 +128,67 @@ class Propagator:
             slope = (doubled - base) / q if q > 0 else 0.0
             self._slopes[block.add] = (slope, 2 * base - doubled)
         return self._slopes[block.add]
+
+    def branch_modes(self, block: ResidualBlock) -> tuple[float, float]:
+        """(a1, a3): d ln E[M_f] / d h_j for the stream's coordinate modes h_1 and h_3.
+
+        a1 is the branch's response to a mean shift r of the fork's entries at fixed length
+        (entries N(r, 1 - r^2) in units of the RMS), by central differences; it is nonzero only
+        when an activation reads the stream before anything mixes its coordinates. a3 follows
+        from the first activation's Hermite coefficients: E[phi^2 He_3] / (3! E[phi^2 He_1]) of a1
+        (1/6 for ReLU).
+        """
+        if block.add not in self._modes:
+            self._modes[block.add] = self._branch_modes(block)
+        return self._modes[block.add]
+
+    def _branch_modes(self, block: ResidualBlock) -> tuple[float, float]:
+        branch_out = next(name for name in self.graph[block.add].inputs if name != block.skip)
+        fork = self.env[block.fork]
+        if fork.m2 <= 0:
+            return 0.0, 0.0
+
+        def log_length(r: float) -> float:
+            env = dict(self.env)
+            mu = r * math.sqrt(fork.m2)
+            env[block.fork] = replace(fork, mu=mu, law=Law(mean=mu, variance=fork.m2 - mu * mu))
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflowing stream: a1 is NaN, unused
+                for name in block.branch:
+                    env[name] = self.run_layer(self.graph[name], env)
+            value = env[branch_out].m2
+            return math.log(value) if value > 0 else math.nan
+
+        h = 0.02
+        down2, down, up, up2 = (log_length(r) for r in (-2 * h, -h, h, 2 * h))
+        a1 = (8 * (up - down) - (up2 - down2)) / (12 * h)
+        if not math.isfinite(a1) or abs(a1) < 1e-9:
+            return 0.0, 0.0
+        return a1, a1 * self._third_mode_ratio(block)
+
+    def _third_mode_ratio(self, block: ResidualBlock) -> float:
+        """E[phi^2 He_3] / (6 E[phi^2 He_1]) at the activation that first reads the stream."""
+        current = block.fork
+        for name in block.branch:
+            layer = self.graph[name]
+            if current not in layer.inputs:
+                continue
+            if layer.kind in _ELEMENTWISE:
+                current = name
+                continue
+            if layer.kind is not Kind.ACTIVATION:
+                return 0.0
+            return _hermite_ratio(
+                get_activation(layer.activation or "identity", **layer.attrs), self.env[current]
+            )
+        return 0.0
+
+
+def _hermite_ratio(act: Any, state: SignalState) -> float:
+    """E[phi(s x)^2 He_3(x)] / (3! E[phi(s x)^2 He_1(x)]), x ~ N(0, 1), s^2 the input's length."""
+    sd = math.sqrt(max(state.m2, 1e-300))
+    first = _expect(lambda z: act.phi(z) ** 2 * (z / sd), 0.0, sd)
+    third = _expect(lambda z: act.phi(z) ** 2 * ((z / sd) ** 3 - 3 * z / sd), 0.0, sd) / 6
+    return third / first if abs(first) > 1e-12 * sd * sd else 0.0
 
 
 def empty_summary() -> Summary:
@@ -282,7 +350,8 @@ def _summary(
         log_mean=last.log_mean,
         log_var=last.log_var,
         var_hat=expected_var_hat(
-            [row.mean for row in segment_rows], [row.mean**2 * (1 + row.spread) for row in segment_rows]
+            [row.mean for row in segment_rows],
+            [row.mean * row.mean * (1 + row.spread) for row in segment_rows],
         ),
         sum_eta2=sum((b.eta**2 for b in blocks), 0.0),
         residual=bool(blocks),

@@ -19,6 +19,32 @@ class Law:
 
 
 @dataclass(frozen=True)
+class Modes:
+    """Odd Hermite modes of a stream's coordinates, the ones a ReLU reading the stream sees.
+
+    With x = y / RMS(y) the stream's coordinates in units of their root mean square,
+    h_j = (1/n) sum_k He_j(x_k). The positive fraction of the stream's energy is exactly
+    (1 + sum_odd a_j h_j) / 2 (a_1 = 2 sqrt(2/pi), a_3 = a_1 / 6 for ReLU), so a branch that
+    applies ReLU to the stream grows it more when h_1 (the coordinate mean) is positive.
+    Each mode has a mean, a variance, and a covariance with ln M (the stream's log length):
+    for i.i.d. Gaussian coordinates they are 0, j!/n and 0; a fixed input has all zero.
+    """
+
+    mean1: float = 0.0
+    var1: float = 0.0
+    cov1: float = 0.0
+    mean3: float = 0.0
+    var3: float = 0.0
+    cov3: float = 0.0
+
+    @classmethod
+    def iid(cls, width: int) -> Modes:
+        """Coordinates i.i.d. Gaussian given the length (the output of a random linear layer)."""
+        n = max(width, 1)
+        return cls(var1=1.0 / n, var3=6.0 / n)
+
+
+@dataclass(frozen=True)
 class SignalState:
     """Moments of a tensor's entries over the random weights, normalized so M_0 = 1.
 
@@ -40,13 +66,19 @@ class SignalState:
     log: Cumulants = (0.0, 0.0, 0.0)
     fresh: bool = False
     law: Law = Law()
+    #: Set by residual joins, which track the stream's coordinate modes; None: i.i.d. coordinates.
+    modes: Modes | None = None
 
     @classmethod
     def input(cls, width: int) -> SignalState:
         """A fixed input with M_0 = 1 and Gaussian-like entries: E[M_0^2] = 1 exactly."""
         n = max(width, 1)
         c22 = (n - 3) / (n - 1) if n > 1 else 1.0
-        return cls(width=n, mu=0.0, m2=1.0, m4=3.0 if n > 1 else 1.0, c22=c22, law=Law())
+        return cls(width=n, mu=0.0, m2=1.0, m4=3.0 if n > 1 else 1.0, c22=c22, law=Law(), modes=Modes())
+
+    @property
+    def stream_modes(self) -> Modes:
+        return self.modes if self.modes is not None else Modes.iid(self.width)
 
     @property
     def mean_length(self) -> float:
@@ -62,7 +94,8 @@ class SignalState:
         """Relative variance of the length: E[M^2]/E[M]^2 - 1."""
         if self.m2 <= 0:
             return 0.0
-        return max(self.second_length / self.m2**2 - 1.0, 0.0)
+        ratio = self.second_length / self.m2 / self.m2  # not m2**2: that raises past 1e154
+        return max(ratio - 1.0, 0.0) if not math.isnan(ratio) else math.inf
 
     @property
     def log_length(self) -> Cumulants:
@@ -76,7 +109,10 @@ class SignalState:
     def median(self) -> float:
         if self.m2 <= 0:
             return 0.0
-        return median_from_cumulants(*self.log_length)
+        try:
+            return median_from_cumulants(*self.log_length)
+        except OverflowError:  # a length beyond float range (e^709): say so rather than crash
+            return math.inf
 
     def scaled(self, factor: float) -> SignalState:
         """The state of ``factor`` times this tensor (factor applies to entries)."""

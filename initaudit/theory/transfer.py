@@ -17,7 +17,7 @@ from initaudit.graph import Kind, Layer
 from initaudit.stats import TensorStats
 from initaudit.theory.activations import get_activation
 from initaudit.theory.special import log_gamma_matched, log_relu_average
-from initaudit.theory.state import Law, SignalState
+from initaudit.theory.state import Law, Modes, SignalState
 
 if TYPE_CHECKING:
     from initaudit.graph import ResidualBlock
@@ -29,6 +29,8 @@ class Context(Protocol):
     def residual_block(self, add: str) -> ResidualBlock | None: ...
 
     def branch_slope(self, block: ResidualBlock) -> tuple[float, float]: ...
+
+    def branch_modes(self, block: ResidualBlock) -> tuple[float, float]: ...
 
 
 Rule = Callable[[Layer, list[SignalState], Context], SignalState]
@@ -257,9 +259,20 @@ def add(layer: Layer, inputs: list[SignalState], ctx: Context) -> SignalState:
             state = _join(state, _materialized(other), slope=0.0, intercept=None, skip_identity=False)
         return state
     skip_index = layer.inputs.index(block.skip) if block.skip in layer.inputs else 0
-    x, f = _materialized(inputs[skip_index]), _materialized(inputs[1 - skip_index])
+    branch = inputs[1 - skip_index]
+    x, f = _materialized(inputs[skip_index]), _materialized(branch)
     slope, intercept = ctx.branch_slope(block)
-    return _join(x, f, slope, intercept, skip_identity=block.skip == block.fork)
+    identity = block.skip == block.fork
+    state = _join(x, f, slope, intercept, skip_identity=identity)
+    gaussian_branch = branch.fresh and branch.mu == 0 and branch.m2 > 0  # F | scale ~ N(0, S_f I)
+    centred = abs(x.mu) <= 1e-9 * math.sqrt(max(x.m2, 1e-300))
+    if identity and intercept is not None and gaussian_branch and centred and x.m2 > 0 and state.m2 > 0:
+        a1, a3 = ctx.branch_modes(block)
+        elasticity = slope * x.m2 / f.m2  # d ln E[M_f] / d ln M_x: 1 homogeneous, 0 behind a norm
+        joined = stream_join(x, branch, elasticity, a1, a3)
+        if joined is not None:
+            state = replace(state, log=joined[0], modes=joined[1])
+    return state
 
 
 def _join(
@@ -293,6 +306,138 @@ def _join(
     k2 = rho * rho * x.log[1] + noise
     log = (math.log(m2) - gap, k2, rho**3 * x.log[2])
     return _with_second(n, mu, m2, m4, second, log)
+
+
+# The residual stream's log length -------------------------------------------------------
+
+_GH_NODES, _GH_WEIGHTS = np.polynomial.hermite_e.hermegauss(15)
+_GH_WEIGHTS = _GH_WEIGHTS / _GH_WEIGHTS.sum()
+
+
+def stream_join(
+    x: SignalState, f: SignalState, elasticity: float, a1: float, a3: float
+) -> tuple[tuple[float, float, float], Modes] | None:
+    """Log-cumulants of M_y for y = x + F, F | S_f ~ N(0, S_f I) (a fresh, zero-mean branch).
+
+    Exactly, D = ln(M_y / M_x) = ln(T/n) + ln chi'^2_n(lambda = n/T) with T = S_f / M_x:
+    a noncentral chi-square, whose log-moments are Poisson mixtures of polygammas. ln T is
+    the branch's own noise plus (elasticity - 1) ln M_x (pre-norm: -ln M_x) plus the stream's
+    coordinate modes: a ReLU reading the stream passes the positive part of its energy,
+    (1 + a1 h_1 + a3 h_3)/2, so a stream whose coordinates lean positive grows faster, and
+    h_1 (the coordinate mean) is a random walk that forgets only at rate 1/sqrt(1 + T) per
+    block. That persistence correlates successive blocks (it doubles Var ln M for eta = 1)
+    and tilts E h_1 negative (paths leaning positive are shrunk harder), which lowers E ln M.
+    E D, Var D and the third cumulant are integrated over ln T (Gauss–Hermite, with a
+    Cornish–Fisher skew); the modes and their covariance with ln M follow linearized.
+    None where a log-cumulant is not finite (a dead branch).
+    """
+    n = max(x.width, 1)
+    k1, k2, k3 = x.log
+    f1, f2, f3 = f.log
+    md = x.stream_modes
+    g1 = elasticity - 1.0
+    noise2 = max(f2 - elasticity**2 * k2, 0.0)
+    noise3 = f3 - elasticity**3 * k3
+    second1, second3 = md.mean1**2 + md.var1, md.mean3**2 + md.var3
+    ell_mean = f1 - k1 + a1 * md.mean1 + a3 * md.mean3 - 0.5 * (a1 * a1 * second1 + a3 * a3 * second3)
+    cov_ell = g1 * k2 + a1 * md.cov1 + a3 * md.cov3  # Cov(ln M_x, ln T)
+    ell_var = (
+        g1 * g1 * k2 + noise2 + a1 * a1 * md.var1 + a3 * a3 * md.var3 + 2 * g1 * (a1 * md.cov1 + a3 * md.cov3)
+    )
+    ell_var = max(ell_var, 0.0)
+    if not all(math.isfinite(v) for v in (k1, k2, k3, f1, f2, f3, ell_mean, ell_var)) or ell_mean > 600:
+        return None  # a dead or overflowing branch: the moment closure of _join stands
+    z = _GH_NODES
+    if ell_var > 0:
+        skew = min(max((noise3 + g1**3 * k3) / ell_var**1.5, -1.0), 1.0)
+        ell = ell_mean + math.sqrt(ell_var) * (z + skew * (z * z - 1) / 6)
+    else:
+        ell = np.full_like(z, ell_mean)
+    w = _GH_WEIGHTS
+    t = np.exp(ell)
+    mean_d, var_d, third_d = _log_noncentral(n, t)
+    e_d = float(w @ mean_d)
+    dev = mean_d - e_d
+    v_d = float(w @ var_d + w @ dev**2)
+    k3_d = float(w @ third_d + 3 * w @ (dev * (var_d - w @ var_d)) + w @ dev**3)
+    centred = ell - float(w @ ell)
+    spread = float(w @ centred**2)
+    beta = float(w @ (dev * centred)) / spread if spread > 0 else 0.0  # d E[D] / d ln T, averaged
+    rho = 1 + beta * g1  # how much of ln M_x survives the join
+    log = (k1 + e_d, max(k2 + v_d + 2 * beta * cov_ell, 0.0), rho**3 * k3 + k3_d - (beta * g1) ** 3 * k3)
+    # E[exp(-k D / 2)] given T: (1 + T)^(-k/2) times the chi^2 noise's second-order correction.
+    ve = 2 * t * (2 + t) / (n * (1 + t) ** 2)
+    c1 = float(w @ ((1 + t) ** -0.5 * (1 + 3 * ve / 8)))
+    c2 = float(w @ ((1 + t) ** -1.0 * (1 + ve)))
+    c3 = float(w @ ((1 + t) ** -1.5 * (1 + 15 * ve / 8)))
+    c6 = float(w @ ((1 + t) ** -3.0 * (1 + 6 * ve)))
+    # h_1' = (h_1 + sqrt(T/n) zeta) exp(-D/2) exactly; h_3 decays as exp(-3D/2) (Mehler).
+    cov1_d = beta * (g1 * md.cov1 + a1 * md.var1)
+    cov3_d = beta * (g1 * md.cov3 + a3 * md.var3)
+    mean1 = c1 * md.mean1 - 0.5 * c1 * cov1_d
+    var1 = c2 * second1 + float(w @ (t / n * (1 + t) ** -1.0 * (1 + ve))) - mean1**2
+    mean3 = c3 * md.mean3 - 1.5 * c3 * cov3_d
+    var3 = c6 * second3 + (1 - c6) * 6.0 / n - mean3**2
+    modes = Modes(
+        mean1=mean1, var1=max(var1, 0.0), cov1=c1 * (md.cov1 + cov1_d),
+        mean3=mean3, var3=max(var3, 0.0), cov3=c3 * (md.cov3 + cov3_d),
+    )  # fmt: skip
+    return log, modes
+
+
+#: Above this Poisson mean (n / 2T) the noncentral chi-square's log is expanded in 1/lambda.
+_POISSON_MAX = 2e4
+
+
+def _log_noncentral(n: int, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean, variance and third cumulant of D = ln(T/n) + ln chi'^2_n(n/T), for each T.
+
+    chi'^2_n(lambda) is a Poisson(lambda/2) mixture of chi^2_{n+2J}, and
+    ln chi^2_k has cumulants ln 2 + psi(k/2), psi'(k/2), psi''(k/2).
+    """
+    means, variances, thirds = np.zeros_like(t), np.zeros_like(t), np.zeros_like(t)
+    for i, value in enumerate(t):
+        if value <= 0:
+            continue
+        half = n / (2 * value)
+        if half > _POISSON_MAX:  # D = ln(1 + T) + ln(1 + eps), eps of variance ve
+            ve = 2 * value * (2 + value) / (n * (1 + value) ** 2)
+            means[i], variances[i] = math.log1p(value) - ve / 2, ve
+            continue
+        spread = 12 * math.sqrt(half) + 12
+        first = max(0, math.floor(half - spread))
+        j = np.arange(first, math.ceil(half + spread) + 1, dtype=float)
+        # ln J! by a running sum from the first term: one lgamma per T
+        log_factorial = math.lgamma(first + 1) + np.concatenate(([0.0], np.cumsum(np.log(j[1:]))))
+        log_pmf = j * math.log(max(half, 1e-300)) - log_factorial
+        pmf = np.exp(log_pmf - log_pmf.max())
+        pmf /= pmf.sum()
+        psi0, psi1, psi2 = _polygamma(n / 2 + j)
+        mean = float(pmf @ psi0)
+        dev = psi0 - mean
+        means[i] = math.log(value / n) + math.log(2) + mean
+        variances[i] = float(pmf @ psi1 + pmf @ dev**2)
+        thirds[i] = float(pmf @ psi2 + 3 * pmf @ (dev * psi1) + pmf @ dev**3)
+    return means, variances, thirds
+
+
+def _polygamma(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """psi, psi' and psi'' elementwise (x > 0): recurrence up to 12, then asymptotic series."""
+    x = np.asarray(x, dtype=float).copy()
+    psi0, psi1, psi2 = np.zeros_like(x), np.zeros_like(x), np.zeros_like(x)
+    small = x < 12.0
+    while small.any():
+        xs = x[small]
+        psi0[small] -= 1.0 / xs
+        psi1[small] += 1.0 / (xs * xs)
+        psi2[small] -= 2.0 / (xs * xs * xs)
+        x[small] += 1.0
+        small = x < 12.0
+    f = 1.0 / (x * x)
+    psi0 += np.log(x) - 0.5 / x - f * (1 / 12 - f * (1 / 120 - f * (1 / 252 - f * (1 / 240 - f / 132))))
+    psi1 += 1 / x + f / 2 + f / x * (1 / 6 - f * (1 / 30 - f * (1 / 42 - f / 30)))
+    psi2 += -f - f / x - f * f / 2 + f**3 / 6 - f**4 / 6 + f**5 * 3 / 10 - f**6 * 5 / 6
+    return psi0, psi1, psi2
 
 
 RULES: dict[Kind, Rule] = {
