@@ -125,7 +125,7 @@ def audit_graph(
     """Predict, measure when ``mc`` asks for samples, and judge. Monte Carlo that cannot run
     leaves the analytic report standing, with a note saying why."""
     prediction = predict(graph)
-    if mc is not None and mc.samples:
+    if mc is not None and (mc.samples or mc.curvature):
         from initaudit.montecarlo.measure import MonteCarloUnavailable, measure
 
         try:

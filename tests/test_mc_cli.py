@@ -96,3 +96,23 @@ def test_bad_mc_options_exit_2(samples, capsys):
     assert main(["check", str(samples / "wide_he_mlp.onnx"), "--mc", "1"]) == 2
     assert main(["check", str(samples / "wide_he_mlp.onnx"), "--mc", "10", "--mc-batch", "0"]) == 2
     assert "--mc-batch" in capsys.readouterr().err
+
+
+def test_batchnorm_is_measured_as_training_runs_it_and_compared(samples, capsys):
+    """BatchNorm normalizes each sampled network by its own batch statistics (THEORY §4: as
+    training does), so right after each BN + ReLU the length is exactly the prediction's 1 in
+    mean, and IA401 compares (and stays silent)."""
+    if importlib.util.find_spec("onnx2torch") is None:
+        pytest.skip("onnx2torch is not installed")
+    code, report = _report(capsys, str(samples / "small_he_cnn_bn.onnx"), "--mc", "200")
+    mc = report["monte_carlo"]
+    assert mc["engine"] == "ensemble"
+    assert not any("running statistics" in note for note in mc["notes"])
+    taps = [layer for layer in report["layers"] if layer["tap"] and layer["measured"]]
+    assert len(taps) >= 3
+    for layer in taps:
+        measured = layer["measured"]
+        assert abs(measured["mean"] - layer["mean"]) < 4 * measured["mean_se"] + 1e-3
+        assert abs(measured["log_mean"] - layer["log_mean"]) < 4 * measured["log_mean_se"] + 1e-3
+    assert not [f for f in report["findings"] if f["code"] == "IA401"]
+    assert code == 0

@@ -116,7 +116,8 @@ def measure(
     program, taps, names = None, {}, {}
     if values is None:
         program, taps, notes, names = _program(graph)
-        values = _run_ensemble(program, taps, graph, options, generator, device, progress, names)
+        values = _run_ensemble(program, taps, graph, options, generator, device, progress, names, notes)
+        notes[:] = list(dict.fromkeys(notes))
     seconds = time.perf_counter() - start
     estimates, var_hat = _estimates(prediction, values)
     result = Measurement(
@@ -139,14 +140,11 @@ def measure(
             f"{len(heavy)} tap(s) where Var ln M > {HEAVY_TAIL_LOG_VAR} (heavy tails; first: `{heavy[0]}`); "
             "the mean, median and log-moments are not affected"
         )
-    if any(layer.attrs.get("norm") == "batch" for layer in graph):
-        # The program runs BatchNorm on its running statistics (inference); at init those are
-        # (0, 1), while training normalizes by batch statistics, as the prediction does.
+    if any(note.startswith("BatchNorm ") and "running statistics" in note for note in result.notes):
+        # BatchNorm normally runs on each sampled network's batch statistics, as training (and the
+        # prediction) normalizes; one that saw a single vector fell back to its running statistics
+        # and says so: then the two are shown side by side but not compared.
         result.comparable = False
-        result.notes.append(
-            "BatchNorm ran on its running statistics (inference mode); the prediction normalizes as in "
-            "training, so the two are shown side by side but not compared"
-        )
     if options.curvature:
         from initaudit.montecarlo.curvature import curvature
 
@@ -277,25 +275,52 @@ def _run_ensemble(
     device: str,
     progress: Progress | None,
     names: dict[str, str] | None = None,
+    notes: list[str] | None = None,
 ) -> dict[str, np.ndarray]:
+    """M_j/M_0 per sample at every tap, chunk by chunk; the engine's notes go to ``notes``
+    (once each: every chunk would repeat them)."""
     import torch
 
-    from initaudit.montecarlo.ensemble import default_chunk, program_parameters, run_ensemble
+    from initaudit.montecarlo.ensemble import (
+        default_chunk,
+        draw_noise,
+        program_parameters,
+        projection_plan,
+        run_ensemble,
+    )
     from initaudit.montecarlo.resample import resample, resample_laws
 
     params = program_parameters(program)
     fan_in = resample_fan_in(graph, names or {})
     laws = resample_laws(params, options.resample, fan_in=fan_in)  # tensor statistics once, not per chunk
+    # Exact in law only for the i.i.d. Gaussian redraw (see projection_plan); other schemes draw W.
+    plan = projection_plan(program, laws) if options.resample == "gaussian" else {}
+    rest = {key: value for key, value in params.items() if key not in plan}
     x = _input(program, graph, generator)
-    chunk = options.batch or default_chunk(params, device, program=program, samples=options.samples)
+    chunk = options.batch or default_chunk(
+        params, device, program=program, samples=options.samples, projection=plan
+    )
     done, parts, m0s = 0, [], []
     while done < options.samples:
         size = min(chunk, options.samples - done)
-        sampled = resample(params, options.resample, size, generator, fan_in=fan_in, laws=laws)
+        sampled = resample(rest, options.resample, size, generator, fan_in=fan_in, laws=laws)
+        noise = draw_noise(plan, size, generator)
         xs = x
         if options.resample == "inputs" and x.is_floating_point():
             xs = _unit(torch.randn((size, *x.shape), generator=generator).to(x.dtype), batched=True)
-        parts.append(run_ensemble(program, taps, xs, sampled, chunk=size, device=device))
+        values = run_ensemble(
+            program,
+            taps,
+            xs,
+            sampled,
+            chunk=size,
+            device=device,
+            projection=plan,
+            noise=noise,
+            batchnorm="train",
+            notes=notes,
+        )
+        parts.append(values)
         m0s.append(_mean_square(xs, size))
         done += size
         if progress is not None:
