@@ -12,6 +12,7 @@ from rich.text import Text
 
 from initaudit.audit import AuditResult
 from initaudit.graph import Kind
+from initaudit.report.common import fmt
 from initaudit.report.json_report import layer_rows
 from initaudit.rules import Severity, Thresholds
 from initaudit.theory.propagate import Summary
@@ -20,18 +21,6 @@ _STYLE = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO:
 _VERDICT = {"pass": "bold green", "warning": "bold yellow", "error": "bold red"}
 #: Above this many rows, tables show the first and last rows only (``-v`` shows all).
 MAX_ROWS = 40
-
-
-def fmt(x: float | None, digits: int = 3) -> str:
-    if x is None:
-        return "-"
-    if not math.isfinite(x):
-        return str(x)
-    if x == 0:
-        return "0"
-    if 1e-3 <= abs(x) < 1e5:
-        return f"{x:.{digits}g}"
-    return f"{x:.{max(digits - 1, 1)}e}"
 
 
 def _elide(rows: list, verbose: bool) -> tuple[list, int]:
