@@ -1,18 +1,24 @@
 """Baselines: accept today's findings so that CI fails only on new ones.
 
 A baseline is a JSON file listing findings by fingerprint (:meth:`Finding.fingerprint`: rule
-code, the model's path, tensor or node name; never byte offsets or messages with numbers). The
+code, the model's path, tensor or node name, and for a finding without one its message with the
+numbers blanked; never byte offsets or numbers). The
 path in a fingerprint is relative to the baseline file's directory, in POSIX form, so the same
 baseline works from any working directory, on any OS, and in a clone at any other place. The
 file is sorted and has no timestamp: rewriting it after no change gives the same bytes, and a
 diff shows exactly which findings were accepted or fixed.
 
 Matching counts: a fingerprint listed twice suppresses two findings with that fingerprint (two
-notes without a location in one file share one), and a third is new.
+notes that differ only in a number share one), and a third is new.
+
+Baselines written before findings without a location were told apart by their message hold the
+old fingerprint (``code|path|``) for each of them; :func:`load_baseline` recomputes those from
+the entry's stored message, so such a baseline keeps accepting exactly what it listed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections import Counter
@@ -165,7 +171,7 @@ def load_baseline(path: Path) -> Baseline:
     root_text = document.get("root", ".")
     if not isinstance(root_text, str):
         raise UsageError(f"baseline {path}: 'root' must be a path, got {root_text!r}")
-    entries = [_entry(raw, n, path) for n, raw in enumerate(document["entries"])]
+    entries = [_upgrade(_entry(raw, n, path)) for n, raw in enumerate(document["entries"])]
     return Baseline(source=path, root=path.absolute().parent / root_text, entries=entries)
 
 
@@ -181,3 +187,18 @@ def _entry(raw: Any, index: int, path: Path) -> BaselineEntry:
         if not isinstance(value, str):
             raise UsageError(f"{where}: '{key}' must be a string, got {value!r}")
     return BaselineEntry(fingerprint, **values)
+
+
+def _upgrade(entry: BaselineEntry) -> BaselineEntry:
+    """``entry`` with today's fingerprint where it holds the one every finding without a location
+    shared before their messages counted (``code|path|``); other entries unchanged."""
+    if entry.location or not entry.code:
+        return entry
+    shared = hashlib.sha256(f"{entry.code}|{entry.path}|".encode()).hexdigest()[:16]
+    if entry.fingerprint != shared:
+        return entry
+    from initaudit.rules import Finding, Severity  # the severity is not part of a fingerprint
+
+    return replace(
+        entry, fingerprint=Finding(entry.code, Severity.INFO, entry.message).fingerprint(entry.path)
+    )

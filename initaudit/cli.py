@@ -351,6 +351,14 @@ def check(
             show_default=False,
         ),
     ] = None,
+    respect_gitignore: Annotated[
+        bool | None,
+        typer.Option(
+            "--respect-gitignore/--no-respect-gitignore",
+            help="Skip files git ignores when walking directories (config: respect-gitignore; default on).",
+            show_default=False,
+        ),
+    ] = None,
     baseline: Annotated[
         Path | None, typer.Option(help="Accept the findings recorded in this baseline file.")
     ] = None,
@@ -431,6 +439,7 @@ def check(
         exclude=exclude,
         extend_exclude=tuple(extend_exclude or ()),
         force_exclude=force_exclude,
+        respect_gitignore=respect_gitignore,
     )
     mc_options = _mc_options(mc, resample, device, seed, mc_batch, curvature)
     run = run_check(

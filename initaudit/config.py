@@ -23,8 +23,8 @@ Keys: ``trust-model`` (bool), ``model`` ("pkg.module:factory"), ``input-shape`` 
 or a list of ints), ``input-dtype`` ("float32", "int64", ...); policy: ``select``, ``ignore``
 (lists of codes or prefixes), ``per-file-ignores`` ({glob: [codes]}), ``severity`` ({code:
 "error"|"warning"|"info"|"off"}), ``fail-on``, ``exclude``, ``extend-exclude`` (lists of globs),
-``force-exclude`` (bool), ``baseline`` (a path). Paths and globs are relative to the directory
-holding the config file.
+``force-exclude`` (bool), ``respect-gitignore`` (bool, default true), ``baseline`` (a path).
+Paths and globs are relative to the directory holding the config file.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ POLICY_KEYS = (
     "exclude",
     "extend-exclude",
     "force-exclude",
+    "respect-gitignore",
     "baseline",
 )
 KNOWN_KEYS = (*TRUST_KEYS, "input-shape", "input-dtype", *POLICY_KEYS)
@@ -70,6 +71,8 @@ class Config:
     exclude: list[str] | None = None
     extend_exclude: list[str] = field(default_factory=list)
     force_exclude: bool | None = None
+    #: Skip what git ignores while walking directories (None: not set here; the default is true).
+    respect_gitignore: bool | None = None
     #: Absolute: resolved against the config file's directory.
     baseline: Path | None = None
     #: The file the settings came from; None when no config was found.
@@ -203,6 +206,8 @@ def _policy_key(config: Config, key: str, value: Any, where: str) -> None:
         setattr(config, key.replace("-", "_"), [_glob(p, where) for p in patterns])
     elif key == "force-exclude":
         config.force_exclude = _bool(value, where)
+    elif key == "respect-gitignore":
+        config.respect_gitignore = _bool(value, where)
     else:  # baseline
         if not isinstance(value, str) or not value.strip():
             raise UsageError(f'{where} must be a path like "initaudit-baseline.json", got {value!r}')

@@ -8,6 +8,15 @@
   checkpoint); name such files explicitly or glob for them.
 - A glob (``models/**/*.onnx``) is expanded here too, so a quoted pattern works where no shell
   expands it (a GitHub Action input, Windows). Its matches are treated like walked files.
+- Paths git ignores are skipped while walking (ruff's ``respect-gitignore``, on by default): a
+  checkpoint folder or ``*.fixed.onnx`` listed in ``.gitignore`` is not a model the repository
+  ships. Git itself answers, in one ``git ls-files`` call per walked directory (and one per nested
+  repository), so nested ``.gitignore`` files, negations, ``.git/info/exclude`` and the global
+  excludes file all count exactly as git counts them; a tracked file is never ignored (git's rule,
+  where ruff's matcher goes by patterns alone). Without ``git`` on PATH, or outside a work tree,
+  nothing is filtered, silently. A file named on the command line is audited even when ignored,
+  unless ``force_exclude``; a directory named on the command line that git ignores as a whole is
+  walked whole (naming it is asking for it).
 - Nothing to audit is an error (exit 2), unlike ruff's warning and exit 0: a CI gate whose models
   folder was moved should go red, not green forever. The exception is pre-commit's case, where
   every named file was excluded by ``force_exclude``: then the list is simply empty.
@@ -26,6 +35,8 @@ import functools
 import glob as globlib
 import os
 import re
+import shutil
+import subprocess
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -177,19 +188,26 @@ def discover(
     force_exclude: bool = False,
     root: Path | None = None,
     warn: Callable[[str], None] | None = None,
+    respect_gitignore: bool = True,
 ) -> list[Path]:
     """The model files to audit, sorted and without duplicates (see the module docstring).
 
     ``exclude`` replaces the defaults, ``extend_exclude`` adds to them (ruff's semantics);
-    patterns are relative to ``root`` (the working directory by default). ``warn`` hears about a
-    directory or glob that contributed nothing while others did. Raises :class:`UsageError` for
-    a path that does not exist, a glob that matches nothing, or when nothing at all is left.
+    patterns are relative to ``root`` (the working directory by default). ``respect_gitignore``
+    skips what git ignores while walking (and in named paths with ``force_exclude``). ``warn``
+    hears about a directory or glob that contributed nothing while others did. Raises
+    :class:`UsageError` for a path that does not exist, a glob that matches nothing, or when
+    nothing at all is left.
     """
     root = (root or Path.cwd()).absolute()
     patterns = (*exclude, *extend_exclude)
     found: dict[Path, Path] = {}  # identity -> the path as it will be shown
     empty: list[str] = []
     named_excluded = 0
+    git = GitIgnore() if respect_gitignore else None
+    git_named: set[Path] = set()
+    if git is not None and force_exclude:
+        git_named = git.ignored_paths([Path(p) for p in paths if Path(p).exists()])
 
     def add(path: Path) -> None:
         found.setdefault(_identity(path), path)
@@ -198,15 +216,16 @@ def discover(
         text = str(given)
         path = Path(given)
         if path.is_file():
-            if force_exclude and is_excluded(path, patterns, root):
+            if force_exclude and (_absolute(path) in git_named or is_excluded(path, patterns, root)):
                 named_excluded += 1
             else:
                 add(path)
         elif path.is_dir():
-            if force_exclude and is_excluded(path, patterns, root):
+            if force_exclude and (_absolute(path) in git_named or is_excluded(path, patterns, root)):
                 named_excluded += 1
                 continue
-            files = list(_walk(path, patterns, root, below=path))
+            scope = git.scope(path) if git is not None else None
+            files = list(_walk(path, patterns, root, below=path, git=git, scope=scope))
             if not files:
                 empty.append(f"no model files under {text}")
             for file in files:
@@ -214,7 +233,7 @@ def discover(
         elif _GLOB_CHARS.search(text):
             if not globlib.glob(text, recursive=True):
                 raise UsageError(f"{text}: no files match this pattern")
-            files = list(_expand(text, patterns, root))
+            files = list(_expand(text, patterns, root, git))
             if not files:
                 empty.append(f"no model files match {text}")
             for file in files:
@@ -235,26 +254,45 @@ def discover(
     return sorted(found.values(), key=lambda p: p.as_posix())
 
 
-def _walk(top: Path, patterns: Sequence[str], root: Path, below: Path) -> Iterable[Path]:
+def _walk(
+    top: Path,
+    patterns: Sequence[str],
+    root: Path,
+    below: Path,
+    git: GitIgnore | None = None,
+    scope: _Scope | None = None,
+) -> Iterable[Path]:
+    """Model files under ``top``, pruning excluded directories and, with ``git``, what git ignores
+    (``scope`` places ``top`` in a listing; None where git has nothing to say)."""
     splits = {top: _Split.of(top, root, below)}  # one resolve per walk, then by name
+    scopes = {top: scope}
     for directory, dirnames, filenames in os.walk(top):
         here = Path(directory)
         split = splits.pop(here)
+        scope = scopes.pop(here)
+        if git is not None and here != top and (".git" in dirnames or ".git" in filenames):
+            scope = git.scope(here)  # a nested repository or submodule: its own ignore rules
         kept = []
         for name in sorted(dirnames):
             child = split.child(name)
-            if not any(_matches(p, child) for p in patterns):
+            inner = scope.child(name) if scope is not None else None
+            if not any(_matches(p, child) for p in patterns) and not (inner is not None and inner.ignored):
                 kept.append(name)
                 splits[here / name] = child
+                scopes[here / name] = inner
         dirnames[:] = kept
         for name in sorted(filenames):
-            if Path(name).suffix.lower() in MODEL_SUFFIXES and not any(
-                _matches(p, split.child(name)) for p in patterns
+            if (
+                Path(name).suffix.lower() in MODEL_SUFFIXES
+                and not any(_matches(p, split.child(name)) for p in patterns)
+                and not (scope is not None and scope.child(name).ignored)
             ):
                 yield here / name
 
 
-def _expand(pattern: str, patterns: Sequence[str], root: Path) -> Iterable[Path]:
+def _expand(
+    pattern: str, patterns: Sequence[str], root: Path, git: GitIgnore | None = None
+) -> Iterable[Path]:
     """A glob's matches: model files (or files with the pattern's own literal suffix, as in
     ``weights/*.bin``), and model files under matched directories. Excludes apply below the
     pattern's literal base (``build/*.onnx`` names ``build`` as explicitly as ``build/`` does)."""
@@ -262,14 +300,165 @@ def _expand(pattern: str, patterns: Sequence[str], root: Path) -> Iterable[Path]
     suffixes = MODEL_SUFFIXES if not wanted or _GLOB_CHARS.search(wanted) else (*MODEL_SUFFIXES, wanted)
     first = _GLOB_CHARS.search(pattern)
     base = Path(pattern[: first.start() if first else len(pattern)].rpartition("/")[0] or ".")
-    for match in sorted(globlib.glob(pattern, recursive=True)):
-        path = Path(match)
-        if is_excluded(path, patterns, root, base):
+    found = [Path(m) for m in sorted(globlib.glob(pattern, recursive=True))]
+    found = [path for path in found if not is_excluded(path, patterns, root, base)]
+    scopes: dict[Path, _Scope | None] = dict.fromkeys(found)
+    ignored: set[Path] = set()
+    if git is not None and base.is_dir():
+        # The base's listing answers for its own work tree; a match in a nested repository is
+        # asked of that repository (check-ignore, batched), as a walk would.
+        listing, tree = git.scope(base), git.work_tree(_absolute(base))
+        nested = {path for path in found if git.work_tree(_container(path)) != tree}
+        hits = git.ignored_paths(sorted(nested)) if nested else set()
+        for path in found:
+            if path not in nested:
+                scope = listing.at(os.path.relpath(path, base)) if listing is not None else None
+                if scope is not None and scope.ignored:
+                    ignored.add(path)
+                scopes[path] = scope
+            elif _absolute(path) in hits:
+                ignored.add(path)
+            elif path.is_dir():
+                scopes[path] = git.scope(path)
+    for path, scope in scopes.items():
+        if path in ignored:
             continue
         if path.is_dir():
-            yield from _walk(path, patterns, root, below=base)
+            yield from _walk(path, patterns, root, below=base, git=git, scope=scope)
         elif path.is_file() and path.suffix.lower() in suffixes:
             yield path
+
+
+def _container(path: Path) -> Path:
+    """The directory whose work tree decides about ``path``: a directory's own, a file's parent."""
+    absolute = _absolute(path)
+    return absolute if path.is_dir() else absolute.parent
+
+
+# ----------------------------------------------------------------------------- git
+
+#: Variables that point git at another repository or index; a hook (pre-commit) may set them
+#: relative to its own directory, which would misplace a query run from a model's directory.
+_GIT_LOCATION_VARS = frozenset(
+    {"GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_OBJECT_DIRECTORY", "GIT_COMMON_DIR", "GIT_PREFIX"}
+)
+
+
+class _Scope(NamedTuple):
+    """A directory's place in a git listing: the paths git ignores below the listing's base,
+    and this directory's path relative to that base ("" for the base itself)."""
+
+    files: frozenset[str]
+    dirs: frozenset[str]
+    rel: str
+
+    def child(self, name: str) -> _Scope:
+        return self._replace(rel=f"{self.rel}/{name}" if self.rel else name)
+
+    def at(self, relative: str) -> _Scope | None:
+        """The scope of a path below this one, given relative to it; None outside it."""
+        relative = Path(relative).as_posix()
+        if relative == ".":
+            return self
+        if relative == ".." or relative.startswith("../"):
+            return None
+        return self._replace(rel=f"{self.rel}/{relative}" if self.rel else relative)
+
+    @property
+    def ignored(self) -> bool:
+        """Whether git ignores this path or a directory between it and the base (the walk prunes
+        ignored directories, but a glob's match may lie deep below one)."""
+        if self.rel in self.files or self.rel in self.dirs:
+            return True
+        parts = self.rel.split("/")
+        return any("/".join(parts[:n]) in self.dirs for n in range(1, len(parts)))
+
+
+class GitIgnore:
+    """Asks git which paths it ignores, once per directory walked (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.git = shutil.which("git")
+        self._trees: dict[Path, Path | None] = {}
+
+    def _run(self, args: list[str], cwd: Path, stdin: bytes | None = None) -> bytes | None:
+        """git's stdout, or None when git is missing or fails (not a work tree, a repository owned
+        by someone else, ...). The one setting in a repository's own config that would make these
+        commands run a program, the fsmonitor hook, is switched off, and no pager starts."""
+        if self.git is None:
+            return None
+        env = {key: value for key, value in os.environ.items() if key not in _GIT_LOCATION_VARS}
+        try:
+            done = subprocess.run(
+                [self.git, "--no-pager", "-c", "core.fsmonitor=false", *args],
+                cwd=cwd,
+                input=stdin,
+                capture_output=True,
+                env=env,
+                check=False,
+            )
+        except OSError:
+            return None
+        # check-ignore exits 1 when nothing is ignored; anything else non-zero is a failure.
+        ok = done.returncode == 0 or (args[0] == "check-ignore" and done.returncode == 1)
+        return done.stdout if ok else None
+
+    def scope(self, directory: Path) -> _Scope | None:
+        """What git ignores below ``directory``; None without git, outside a work tree, or when
+        git ignores ``directory`` itself (a directory named explicitly is walked whole)."""
+        out = self._run(
+            ["ls-files", "-z", "--others", "--ignored", "--exclude-standard", "--directory"], directory
+        )
+        if out is None:
+            return None
+        files: set[str] = set()
+        dirs: set[str] = set()
+        for entry in out.split(b"\0"):
+            text = os.fsdecode(entry)
+            if text == "./":
+                return None
+            if text.endswith("/"):
+                dirs.add(text.rstrip("/"))
+            elif text:
+                files.add(text)
+        return _Scope(frozenset(files), frozenset(dirs), "")
+
+    def ignored_paths(self, paths: Sequence[Path]) -> set[Path]:
+        """Which of ``paths`` git ignores, as :func:`_absolute` gives them: one ``git check-ignore``
+        per work tree they lie in."""
+        groups: dict[Path, list[Path]] = {}
+        for path in paths:
+            absolute = _absolute(path)
+            tree = self.work_tree(absolute.parent)
+            if tree is not None:
+                groups.setdefault(tree, []).append(absolute)
+        ignored: set[Path] = set()
+        for tree, members in groups.items():
+            relative = [os.path.relpath(member, tree) for member in members]
+            out = self._run(
+                ["check-ignore", "-z", "--stdin"], tree, b"".join(os.fsencode(r) + b"\0" for r in relative)
+            )
+            if out:
+                hits = {os.fsdecode(entry) for entry in out.split(b"\0") if entry}
+                ignored.update(m for m, r in zip(members, relative, strict=True) if r in hits)
+        return ignored
+
+    def work_tree(self, directory: Path) -> Path | None:
+        """The innermost directory at or above ``directory`` holding ``.git`` (a folder, or the
+        file of a submodule or worktree), found on disk without running git."""
+        visited = []
+        found: Path | None = None
+        for here in (directory, *directory.parents):
+            if here in self._trees:
+                found = self._trees[here]
+                break
+            visited.append(here)
+            if (here / ".git").exists():
+                found = here
+                break
+        for here in visited:
+            self._trees[here] = found
+        return found
 
 
 def _parts(path: Path, root: Path) -> tuple[str, ...] | None:

@@ -11,8 +11,12 @@ Where each setting comes from:
 - ``trust-model`` and ``model`` decide what code runs, so they come only from the project's
   config or ``--config``; found in a config beside a model they are ignored with a warning
   naming the file (a downloaded model cannot grant itself trust).
+- How paths are walked (``force-exclude``, ``respect-gitignore``, and the ``exclude`` patterns
+  applied while walking) comes from the project's config: one walk, one answer. A sub-project's
+  ``exclude`` still drops its own files afterwards; its ``respect-gitignore`` is not read.
 - Command-line flags replace the config's value for the same key (``--select``, ``--ignore``,
-  ``--fail-on``, ``--baseline``, ``--exclude``); ``--extend-exclude`` adds to it.
+  ``--fail-on``, ``--baseline``, ``--exclude``, ``--[no-]force-exclude``,
+  ``--[no-]respect-gitignore``); ``--extend-exclude`` adds to it.
 - Globs and paths in a config are relative to the directory holding that config file.
 
 Severity overrides rewrite the findings themselves (copies), so every consumer agrees: the
@@ -43,6 +47,7 @@ class CliPolicy:
     exclude: Sequence[str] | None = None
     extend_exclude: Sequence[str] = ()
     force_exclude: bool | None = None
+    respect_gitignore: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -189,6 +194,9 @@ class PolicyResolver:
         config's excludes (a sub-project's ``exclude`` holds for its files)."""
         cli, project = self.cli, self.project
         force = cli.force_exclude if cli.force_exclude is not None else bool(project.force_exclude)
+        gitignore = next(
+            (v for v in (cli.respect_gitignore, project.respect_gitignore) if v is not None), True
+        )
         files = discover(
             paths,
             exclude=self._exclude(project),
@@ -196,6 +204,7 @@ class PolicyResolver:
             force_exclude=force,
             root=project.root or self.cwd,
             warn=self._warn,
+            respect_gitignore=gitignore,
         )
         if self.explicit is not None:
             return files

@@ -19,6 +19,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from initaudit.design import (
+    MAX_DEPTH,
+    MAX_WIDTH,
+    FM2Design,
+    fm2_design_for,
+    largest_float,
+    next_up,
+    round_down,
+)
 from initaudit.errors import UsageError
 from initaudit.graph import ACTIVATIONS, LayerGraph
 from initaudit.rules import Thresholds
@@ -40,9 +49,6 @@ ACTIVATION_ALIASES = {
     "leakyrelu": "leaky_relu",
     "lrelu": "leaky_relu",
 }
-#: Where the searches give up: a width or depth beyond these is reported as "more than".
-MAX_WIDTH = 1 << 24
-
 _RUN = re.compile(r"\s*(\d+)\s*(?:[x×*]\s*(\d+)\s*)?")
 _ETA_SQRT = re.compile(r"([0-9.eE+-]*)\s*/\s*sqrt\(\s*([0-9.eE+-]*)\s*\*?\s*L\s*\)")
 
@@ -331,83 +337,6 @@ class _Judge:
         return self.run(spec)[1]
 
 
-def _smallest(ok: Callable[[int], bool], guess: int, lo: int = 1, hi: int = MAX_WIDTH) -> int | None:
-    """The smallest x in [lo, hi] with ok(x), for ok monotone (False ... False True ... True);
-    galloping from ``guess`` so that a good guess costs two evaluations. None if ok(hi) fails."""
-    x = min(max(guess, lo), hi)
-    if ok(x):
-        good, step = x, 1
-        while good > lo:
-            probe = max(good - step, lo)
-            if not ok(probe):
-                bad = probe
-                break
-            good, step = probe, step * 2
-        else:
-            return lo
-    else:
-        bad, step = x, 1
-        while True:
-            if bad >= hi:
-                return None
-            probe = min(bad + step, hi)
-            if ok(probe):
-                good = probe
-                break
-            bad, step = probe, step * 2
-    while good - bad > 1:
-        mid = (good + bad) // 2
-        if ok(mid):
-            good = mid
-        else:
-            bad = mid
-    return good
-
-
-def _largest_float(ok: Callable[[float], bool], guess: float, digits: int = 3) -> float | None:
-    """The largest x > 0 of ``digits`` significant figures with ok(x), for ok true below a
-    boundary: x passes and :func:`_next_up` (x) does not. A closed-form ``guess`` rounded down
-    usually is the answer, at the cost of two evaluations; otherwise bisect. None when even a
-    tiny x fails, inf when any x passes."""
-    if guess > 0 and math.isfinite(guess):
-        value = _round_down(guess, digits)
-        if ok(value) and not ok(_next_up(value, digits)):
-            return value
-    guess = guess if guess > 0 and math.isfinite(guess) else 1.0
-    lo, hi = guess, guess
-    if ok(guess):
-        while ok(hi):
-            lo, hi = hi, hi * 2
-            if hi > 1e6:
-                return math.inf
-    else:
-        while not ok(lo):
-            hi, lo = lo, lo / 2
-            if lo < 1e-9:
-                return None
-    while hi / lo > 1 + 1e-5:
-        mid = math.sqrt(lo * hi)
-        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
-    value = _round_down(lo, digits)
-    while value > 0 and not ok(value):  # rounding down only helps, but floats are floats
-        value = _round_down(value * (1 - 10 ** (1 - digits)), digits)
-    while ok(_next_up(value, digits)):
-        value = _next_up(value, digits)
-    return value
-
-
-def _round_down(x: float, digits: int) -> float:
-    places = digits - 1 - math.floor(math.log10(x))
-    # The nudge keeps a number already at `digits` figures (0.29 * 100 = 28.999...) where it is.
-    return round(math.floor(x * 10**places * (1 + 1e-12)) / 10**places, places)
-
-
-def _next_up(x: float, digits: int) -> float:
-    """The next number of ``digits`` significant figures above x."""
-    places = digits - 1 - math.floor(math.log10(x))
-    return round(x + 10.0**-places, places)
-
-
 def _passes(verdict: str) -> bool:
     return verdict in ("pass", "info")
 
@@ -423,8 +352,11 @@ def design_answers(
 ) -> DesignAnswers:
     """Answer the design questions for ``graph_or_spec`` under ``thresholds`` (rules.py's).
 
-    A spec (or a graph that ``build_graph`` made) gets answers re-predicted with the same
-    rules; another graph (from a model file) gets the closed forms of THEORY.md only.
+    How wide and how deep come from :func:`initaudit.design.fm2_design_for`, the numbers of
+    IA201's fix text and of the fix plan, re-predicted on constant-width chains. A spec (or a
+    graph that ``build_graph`` made) also gets its weight scale and branch scale re-predicted
+    with the same rules; a residual graph from a model file gets THEORY.md's closed forms
+    for eta.
     """
     th = thresholds or Thresholds()
     spec = graph_or_spec if isinstance(graph_or_spec, NetSpec) else graph_or_spec.meta.get("_spec")
@@ -432,7 +364,7 @@ def design_answers(
         assert isinstance(graph_or_spec, LayerGraph)
         from initaudit.theory.propagate import predict
 
-        return _closed_form_answers(prediction or predict(graph_or_spec), th)
+        return _file_answers(graph_or_spec, prediction or predict(graph_or_spec), th)
     judge = _Judge(spec, th)
     if prediction is None:
         prediction = judge.run(spec)[2]
@@ -440,12 +372,12 @@ def design_answers(
         judge.seed(spec, graph_or_spec, prediction)
     if spec.residual is not None:
         return DesignAnswers(_residual_answers(spec, prediction, judge))
-    return DesignAnswers(_plain_answers(spec, prediction, judge))
+    graph = graph_or_spec if isinstance(graph_or_spec, LayerGraph) else spec.graph()
+    return DesignAnswers(_plain_answers(spec, graph, prediction, judge))
 
 
-def _plain_answers(spec: NetSpec, pred: Prediction, judge: _Judge) -> list[Answer]:
+def _plain_answers(spec: NetSpec, graph: LayerGraph, pred: Prediction, judge: _Judge) -> list[Answer]:
     th = judge.thresholds
-    depth = len(spec.widths)
     answers: list[Answer] = []
     if spec.norm:
         answers.append(
@@ -457,8 +389,7 @@ def _plain_answers(spec: NetSpec, pred: Prediction, judge: _Judge) -> list[Answe
             )
         )
         return answers
-    answers.extend(_width_answers(spec, judge, depth))
-    answers.extend(_depth_answers(spec, pred, judge))
+    answers.extend(_fm2_answers(fm2_design_for(graph, pred, th), pred))
     answers.append(_scale_answer(spec, pred, judge))
     if _fm1_depth_text(pred, th):
         answers.append(
@@ -469,75 +400,49 @@ def _plain_answers(spec: NetSpec, pred: Prediction, judge: _Judge) -> list[Answe
     return answers
 
 
-def _constant(spec: NetSpec, width: int, depth: int) -> NetSpec:
-    return spec.but(widths=(width,) * depth, input_width=spec.first_width)
+_TEST = "max(beta, Var ln(M_L/M_0) / 5)"
 
 
-def _width_answers(spec: NetSpec, judge: _Judge, depth: int) -> list[Answer]:
-    th = judge.thresholds
-    answers = []
-    for key, bound, ok_verdict, word in (
-        ("min_width", th.beta_warning, _passes, "warning"),
-        ("min_width_error", th.beta_error, _not_error, "error"),
-    ):
-        # THEORY: Var ln M_L ~ 5 beta, beta = L/n for constant width: n ~ L / bound.
-        guess = math.ceil(depth / bound)
-
-        def ok(n: int, ok_verdict: Callable[[str], bool] = ok_verdict) -> bool:
-            return ok_verdict(judge.fm2(_constant(spec, n, depth)))
-
-        width = _smallest(ok, guess)
-        if width is None:
+def _fm2_answers(design: FM2Design, pred: Prediction) -> list[Answer]:
+    """How wide for this depth and how deep for this width, at both FM2 levels: the numbers
+    of IA201's fix text and of the fix plan (:func:`initaudit.design.fm2_design`)."""
+    depth, width = design.depth, design.width
+    beta = pred.summary.beta
+    constant = beta > 0 and math.isclose(depth / beta, width, rel_tol=1e-9)
+    where = f"at width {width}" if constant else f"at the harmonic-mean width {width}"
+    widths, depths = [], []
+    for suffix, level, word in (("", "warning", "warning"), ("_error", "error", "error")):
+        bound = design.bounds[level]
+        n = design.min_width[level]
+        if n is None:
             text = (
                 f"no constant width up to {MAX_WIDTH} keeps FM2 below the {word} threshold at depth {depth}"
             )
-            answers.append(Answer(key, "How wide for this depth?", text))
-            continue
-        checked = width == 1 or not ok(width - 1)
-        text = (
-            f"at depth {depth}, a constant width of at least {width} keeps FM2 below the {word} threshold "
-            f"(max(beta, Var ln(M_L/M_0) / 5) <= {_num(bound)}, beta = {depth}/{width} = "
-            f"{_num(depth / width)}; beta alone would allow {guess})"
-        )
-        answers.append(Answer(key, "How wide for this depth?", text, width, checked))
-    return answers
-
-
-def _depth_answers(spec: NetSpec, pred: Prediction, judge: _Judge) -> list[Answer]:
-    th = judge.thresholds
-    widths = spec.widths
-    s = pred.summary
-    constant = len(set(widths)) == 1
-    beta = sum(1 / w for w in widths)
-    width = widths[0] if constant else max(1, round(len(widths) / beta))
-    where = f"at width {width}" if constant else f"at the harmonic-mean width {width}"
-    per_layer = max(s.beta, s.log_var / 5) / max(s.depth, 1) if constant and s.depth else 1 / width
-    answers = []
-    for key, bound, ok_verdict, word in (
-        ("max_depth", th.beta_warning, _passes, "warning"),
-        ("max_depth_error", th.beta_error, _not_error, "error"),
-    ):
-        guess = max(1, math.floor(bound / per_layer)) if per_layer > 0 else MAX_LAYERS
-
-        def fails(d: int, ok_verdict: Callable[[str], bool] = ok_verdict) -> bool:
-            return not ok_verdict(judge.fm2(_constant(spec, width, d)))
-
-        first_bad = _smallest(fails, guess + 1, lo=1, hi=MAX_LAYERS)
-        if first_bad is None:
-            text = f"{where}, more than {MAX_LAYERS} layers stay below the FM2 {word} threshold"
-            answers.append(Answer(key, "How deep for this width?", text, None, True))
-            continue
-        most = first_bad - 1
-        if most == 0:
+            widths.append(Answer("min_width" + suffix, "How wide for this depth?", text))
+        else:
+            text = (
+                f"at depth {depth}, a constant width of at least {n} keeps FM2 below the {word} threshold "
+                f"({_TEST} <= {_num(bound)}, beta = {depth}/{n} = {_num(depth / n)}; "
+                f"beta alone would allow {design.closed_width[level]})"
+            )
+            widths.append(
+                Answer("min_width" + suffix, "How wide for this depth?", text, n, design.width_checked(level))
+            )
+        most = design.max_depth[level]
+        value: int | None = most
+        if most >= MAX_DEPTH:
+            text = f"{where}, {MAX_DEPTH} or more layers stay below the FM2 {word} threshold"
+            value = None
+        elif most == 0:
             text = f"{where}, even one layer exceeds the FM2 {word} threshold"
         else:
             layers = f"{most} layer keeps" if most == 1 else f"{most} layers keep"
             text = (
-                f"{where}, at most {layers} FM2 below the {word} threshold (max(beta, Var ln(M_L/M_0) / 5) "
-                f"<= {_num(bound)}, beta = {most}/{width} = {_num(most / width)})"
+                f"{where}, at most {layers} FM2 below the {word} threshold ({_TEST} <= {_num(bound)}, "
+                f"beta = {most}/{width} = {_num(most / width)})"
             )
-        answers.append(Answer(key, "How deep for this width?", text, most, True))
-    return answers
+        depths.append(Answer("max_depth" + suffix, "How deep for this width?", text, value, True))
+    return widths + depths
 
 
 def _scale_answer(spec: NetSpec, pred: Prediction, judge: _Judge) -> Answer:
@@ -607,7 +512,7 @@ def _residual_answers(spec: NetSpec, pred: Prediction, judge: _Judge) -> list[An
         def ok(eta: float, ok_verdict: Callable[[str], bool] = ok_verdict) -> bool:
             return ok_verdict(judge.fm1(spec.but(eta=eta)))
 
-        eta = _largest_float(ok, closed if math.isfinite(closed) else 1.0)
+        eta = largest_float(ok, closed if math.isfinite(closed) else 1.0)
         question = "What eta for this many blocks?"
         if eta is None:
             text = f"no branch scale keeps FM1 below the {word} threshold: the stem fails on its own"
@@ -619,7 +524,7 @@ def _residual_answers(spec: NetSpec, pred: Prediction, judge: _Judge) -> list[An
                 text += " (pre-norm branches add a fixed amount per block: linear growth, a warning at most)"
             answers.append(Answer(key, question, text, eta, True))
             continue
-        checked = ok(eta) and not ok(_next_up(eta, 3))  # cached: the search evaluated both
+        checked = ok(eta) and not ok(next_up(eta, 3))  # cached: the search evaluated both
         text = (
             f"eta <= {_num(eta)} keeps E[M_L]/M_0 within [1/{_num(bound)}, {_num(bound)}] "
             f"over {blocks} blocks (FM1 {word} bound"
@@ -653,49 +558,29 @@ def _residual_answers(spec: NetSpec, pred: Prediction, judge: _Judge) -> list[An
     return answers
 
 
-def _closed_form_answers(pred: Prediction, th: Thresholds) -> DesignAnswers:
-    """Answers for a graph with no spec (a model file): THEORY's closed forms, unchecked."""
+def _file_answers(graph: LayerGraph, pred: Prediction, th: Thresholds) -> DesignAnswers:
+    """Answers for a graph with no spec (a model file): width and depth as for a spec, eta
+    by THEORY's closed form, unchecked."""
     s = pred.summary
     answers: list[Answer] = []
     if not pred.layers or not s.depth:
         return DesignAnswers(answers)
-    if s.residual:
-        blocks = len(pred.blocks)
-        g = sum(b.gain for b in pred.blocks) / blocks
-        for key, bound in (("max_eta", th.fm1_warning), ("max_eta_error", th.fm1_error)):
-            if g > 0:
-                eta = _round_down(math.sqrt((bound ** (1 / blocks) - 1) / g), 3)
-                text = (
-                    f"eta <= {_num(eta)} keeps prod(1 + g eta^2) <= {_num(bound)} over {blocks} blocks "
-                    f"(g = {_num(g)})"
-                )
-                answers.append(Answer(key, "What eta for this many blocks?", text, eta))
-        eta = 1 / math.sqrt(blocks * g) if g > 0 else 1 / math.sqrt(blocks)
-        answers.append(
-            Answer("eta_recommended", "And the usual choice?", f"eta = 1/sqrt(L g) = {_num(eta)}", eta)
-        )
-        return DesignAnswers(answers)
-    depth = s.depth
-    per_layer = max(s.beta, s.log_var / 5) / depth
-    for key, bound, word in (
-        ("min_width", th.beta_warning, "warning"),
-        ("min_width_error", th.beta_error, "error"),
-    ):
-        width = math.ceil(depth / bound)
-        text = (
-            f"at depth {depth}, a constant width of about {width} keeps beta = L/n <= {_num(bound)} "
-            f"(FM2 {word})"
-        )
-        answers.append(Answer(key, "How wide for this depth?", text, width))
-    if per_layer > 0:
-        width = max(1, round(1 / per_layer))
-        for key, bound, word in (
-            ("max_depth", th.beta_warning, "warning"),
-            ("max_depth_error", th.beta_error, "error"),
-        ):
-            most = max(0, math.floor(bound / per_layer))
-            text = f"at the effective width {width}, about {most} layers keep FM2 below the {word} threshold"
-            answers.append(Answer(key, "How deep for this width?", text, most))
+    if not s.residual:
+        return DesignAnswers(_fm2_answers(fm2_design_for(graph, pred, th), pred))
+    blocks = len(pred.blocks)
+    g = sum(b.gain for b in pred.blocks) / blocks
+    for key, bound in (("max_eta", th.fm1_warning), ("max_eta_error", th.fm1_error)):
+        if g > 0:
+            eta = round_down(math.sqrt((bound ** (1 / blocks) - 1) / g), 3)
+            text = (
+                f"eta <= {_num(eta)} keeps prod(1 + g eta^2) <= {_num(bound)} over {blocks} blocks "
+                f"(g = {_num(g)})"
+            )
+            answers.append(Answer(key, "What eta for this many blocks?", text, eta))
+    eta = 1 / math.sqrt(blocks * g) if g > 0 else 1 / math.sqrt(blocks)
+    answers.append(
+        Answer("eta_recommended", "And the usual choice?", f"eta = 1/sqrt(L g) = {_num(eta)}", eta)
+    )
     return DesignAnswers(answers)
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
+from initaudit.design import MAX_WIDTH, FM2Design, fm2_design_for, fm2_equivalent
 from initaudit.frontends.weights_only import WEIGHTS_ONLY
 from initaudit.graph import Kind, Layer, LayerGraph
 from initaudit.stats import TensorStats, match_scheme
@@ -64,8 +65,17 @@ class Finding:
         return RULES[self.code]
 
     def fingerprint(self, path: str) -> str:
-        """Stable across runs and edits elsewhere in the file: rule, path, location."""
-        return hashlib.sha256(f"{self.code}|{path}|{self.location}".encode()).hexdigest()[:16]
+        """Stable across runs and edits elsewhere in the file: rule, path, location. A finding
+        without a location (a note, a summary) adds its message with every number outside quotes
+        blanked: two notes differ, a note whose count or measurement changed keeps its fingerprint.
+        Located findings hash exactly ``code|path|location``, as they always have."""
+        key = f"{self.code}|{path}|{self.location}"
+        if not self.location:
+            # Quoted text ('name', `op`, "x") names something: kept whole. Numbers elsewhere move.
+            parts = re.split(r"('[^']*'|`[^`]*`|\"[^\"]*\")", self.message)
+            number = r"[-+]?(?:\d+(?:[.,]\d+)*(?:[eE][-+]?\d+)?|\b(?:inf|nan)\b)"
+            key += "|" + "".join(part if i % 2 else re.sub(number, "#", part) for i, part in enumerate(parts))
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -599,14 +609,13 @@ def _fm2(graph: LayerGraph, pred: Prediction, th: Thresholds) -> Iterator[Findin
     if has_nonfinite(graph) or (s.residual and s.worst_ratio > th.fm1_warning):
         return  # a residual stream that explodes is IA301's; FM2 is secondary there
     # Var ln M ~ 5 beta for ReLU; compare on the log-variance so other activations count right.
-    equivalent = max(s.beta, s.log_var / 5)
+    equivalent = fm2_equivalent(s.beta, s.log_var)
     if equivalent <= th.beta_warning:
         return
     severity = Severity.ERROR if equivalent > th.beta_error else Severity.WARNING
-    depth = max(s.depth, 1)
-    per_layer = equivalent / depth  # ~ 1/n for constant width
-    width_needed = math.ceil(depth / th.beta_warning) if per_layer > 0 else 0
-    depth_allowed = max(1, math.floor(th.beta_warning / per_layer)) if per_layer > 0 else depth
+    # The width and depth that pass, by re-predicting a constant-width chain of this net's
+    # activation and weight law (the numbers `fix` and `predict` give too).
+    design = fm2_design_for(graph, pred, th)
     yield Finding(
         code="IA201",
         severity=severity,
@@ -615,19 +624,42 @@ def _fm2(graph: LayerGraph, pred: Prediction, th: Thresholds) -> Iterator[Findin
             f"median M_L/M_0 = {_fmt(s.median)} while the mean is {_fmt(s.mean_ratio)}"
         ),
         location=graph.outputs[0] if graph.outputs else "",
-        fix=(
-            f"weights cannot fix this: widen the hidden layers to at least {width_needed} "
-            f"or cut depth to {depth_allowed} layers (beta <= {th.beta_warning}); "
-            "or add normalization / scaled residual connections"
-        ),
+        fix=_fm2_fix(design, severity, th),
         evidence={
             "beta": s.beta,
             "log_var": s.log_var,
             "median": s.median,
-            "depth": depth,
-            "width_needed": width_needed,
-            "depth_allowed": depth_allowed,
+            "depth": design.depth,
+            "width": design.width,
+            "width_needed": design.min_width["warning"],
+            "depth_allowed": design.max_depth["warning"],
+            "width_needed_error": design.min_width["error"],
+            "depth_allowed_error": design.max_depth["error"],
         },
+    )
+
+
+def _fm2_fix(design: FM2Design, severity: Severity, th: Thresholds) -> str:
+    """IA201's advice: the constant width that passes at this depth and the depth that
+    passes at this width, for the finding's level and (for an error) for no warning."""
+
+    def width(level: str) -> str:
+        n = design.min_width[level]
+        return str(n) if n is not None else f"more than {MAX_WIDTH}"
+
+    test = "max(beta, Var ln(M_L/M_0) / 5)"
+    tail = "; or add normalization / scaled residual connections"
+    if severity is Severity.ERROR:
+        return (
+            f"weights cannot fix this: widen the hidden layers to at least {width('error')} (no error) / "
+            f"{width('warning')} (no warning) at depth {design.depth}, or cut depth to "
+            f"{design.max_depth['error']} (no error) / {design.max_depth['warning']} (no warning) layers "
+            f"at width {design.width} ({test} <= {_fmt(th.beta_error)} / {_fmt(th.beta_warning)})" + tail
+        )
+    return (
+        f"weights cannot fix this: widen the hidden layers to at least {width('warning')} at depth "
+        f"{design.depth}, or cut depth to {design.max_depth['warning']} layers at width {design.width}, "
+        f"for no warning ({test} <= {_fmt(th.beta_warning)})" + tail
     )
 
 

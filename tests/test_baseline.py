@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -121,12 +122,57 @@ def test_messages_and_numbers_do_not_matter_but_rule_path_and_tensor_do(project)
 
 def test_duplicate_fingerprints_are_counted(project):
     (result,) = _audit(MODELS[1])
-    note = Finding("IA903", Severity.INFO, "a symbolic dimension was set to 1")  # no location
-    write_baseline([replace(result, findings=[note])], project / "b.json")
+    note = Finding("IA903", Severity.INFO, "2 sparse initializer(s) were not read")  # no location
+    same = replace(note, message="5 sparse initializer(s) were not read")  # only a number differs
+    other = replace(note, message="a symbolic dimension was set to 1")
+    assert note.fingerprint("m") == same.fingerprint("m") != other.fingerprint("m")
+    write_baseline([replace(result, findings=[note, same])], project / "b.json")
     baseline = load_baseline(project / "b.json")
-    twice = replace(result, findings=[note, replace(note, message="another note")])
-    kept, suppressed = baseline.filter(twice)
-    assert suppressed == 1 and len(kept.findings) == 1
+    # Two entries accept two findings with that fingerprint; a third and another note are new.
+    kept, suppressed = baseline.filter(replace(result, findings=[note, other, same, note]))
+    assert suppressed == 2 and kept.findings == [other, note]
+
+
+def _legacy(code: str, path: str, location: str) -> str:
+    """The fingerprint every baseline written so far holds (DESIGN.md: rule | path | tensor)."""
+    return hashlib.sha256(f"{code}|{path}|{location}".encode()).hexdigest()[:16]
+
+
+def test_a_baseline_written_with_the_old_fingerprints_still_accepts_everything(project):
+    """Located findings hash as before; unlocated ones, which all shared ``code|path|``, are
+    recomputed from the message stored beside them, each entry still accepting one finding."""
+    results = _audit(*MODELS)
+    notes = [
+        Finding("IA903", Severity.INFO, "2 sparse initializer(s) were not read"),
+        Finding("IA903", Severity.INFO, "shape inference failed (x); shapes come from weights only"),
+    ]
+    results[1] = replace(results[1], findings=[*results[1].findings, *notes])
+    entries = [
+        {
+            "fingerprint": _legacy(f.code, path, f.location),
+            "code": f.code,
+            "path": path,
+            "location": f.location,
+            "message": f.message,
+        }
+        for result in results
+        for path in [relative_path(result.path, project)]
+        for f in result.findings
+    ]
+    assert sum(not e["location"] for e in entries) == 2 and len(entries) == 24
+    document = {"version": 1, "tool": "initaudit", "root": ".", "entries": entries}
+    (project / "old.json").write_text(json.dumps(document))
+    baseline = load_baseline(project / "old.json")
+    located = [e for e in baseline.entries if e.location]
+    assert [e.fingerprint for e in located] == [x["fingerprint"] for x in entries if x["location"]]
+    for result in results:
+        kept, suppressed = baseline.filter(result)
+        assert kept.findings == [] and suppressed == len(result.findings)
+    assert baseline.stale(results) == []
+    # Each upgraded entry accepts its own note only: a third note is new.
+    extra = Finding("IA903", Severity.INFO, "opset 6 is older than 7; attribute defaults may be misread")
+    kept, _ = baseline.filter(replace(results[1], findings=[*notes, extra]))
+    assert kept.findings == [extra]
 
 
 def test_stale_entries_are_those_of_audited_models_that_no_longer_occur(project):

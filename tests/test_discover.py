@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -177,3 +179,151 @@ def test_the_walk_agrees_with_judging_each_file_on_its_own(tree, top):
     candidates = [p for p in Path(top).rglob("*") if p.is_file() and p.suffix.lower() in MODEL_SUFFIXES]
     judged = {p.as_posix() for p in candidates if not is_excluded(p, patterns, tree, below=Path(top))}
     assert walked == judged and walked
+
+
+# ----------------------------------------------------------------------------- .gitignore
+
+GIT = shutil.which("git") or "git"
+needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+
+GIT_FILES = [
+    "models/a.onnx",
+    "models/a.fixed.onnx",  # *.fixed.onnx: fix's output, ignored
+    "models/sub/best.onnx",  # models/sub/* ignored, but negated back
+    "models/sub/epoch_3.onnx",
+    "checkpoints/run1/step_100.pt",  # a whole ignored directory
+    "checkpoints/run1/step_200.pt",
+    "vendor/keep.pt",  # vendor/.gitignore: *.pt, !keep.pt
+    "vendor/other.pt",
+    "forced/tracked.onnx",  # forced/ is ignored, but this file is tracked (git add -f)
+    "forced/untracked.onnx",
+    "nested/.git",  # placeholder, replaced by a repository below
+]
+GITIGNORE = "*.fixed.onnx\nmodels/sub/*\n!models/sub/best.onnx\ncheckpoints/\nforced/\n"
+GIT_KEPT = ["forced/tracked.onnx", "models/a.onnx", "models/sub/best.onnx", "vendor/keep.pt"]
+
+
+def _git(cwd: Path, *args: str) -> str:
+    return subprocess.run([GIT, *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture
+def git_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A git work tree with a root .gitignore (a directory, a suffix, a negation), a nested
+    .gitignore with its own negation, a tracked file inside an ignored directory, and a nested
+    repository whose .gitignore only it knows. The user's global git config is kept out."""
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", os.devnull)
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    _tree(tmp_path, [f for f in GIT_FILES if not f.startswith("nested/")])
+    (tmp_path / ".gitignore").write_text(GITIGNORE)
+    (tmp_path / "vendor" / ".gitignore").write_text("*.pt\n!keep.pt\n")
+    _git(tmp_path, "init", "-q", ".")
+    _git(tmp_path, "add", "-f", "forced/tracked.onnx")
+    nested = tmp_path / "nested"
+    _tree(nested, ["inner.onnx", "scratch/tmp.onnx"])
+    (nested / ".gitignore").write_text("scratch/\n")
+    _git(nested, "init", "-q", ".")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _ignored_one_by_one(repo: Path, files: list[str]) -> set[str]:
+    """What git says about each file on its own, in the repository that holds it: the walk's
+    batched answer must agree."""
+    out = set()
+    for name in files:
+        path = repo / name
+        top = next(p for p in path.parents if (p / ".git").exists())
+        done = subprocess.run([GIT, "check-ignore", "-q", os.path.relpath(path, top)], cwd=top)
+        assert done.returncode in (0, 1)
+        if done.returncode == 0:
+            out.add(name)
+    return out
+
+
+@needs_git
+def test_a_walk_skips_what_git_ignores(git_tree):
+    found = _posix(discover(["."]))
+    assert found == [*GIT_KEPT[:3], "nested/inner.onnx", GIT_KEPT[3]]
+    everything = _posix(discover(["."], respect_gitignore=False))
+    assert len(everything) == 12  # 10 model files in the tree, plus the nested repository's two
+    assert set(everything) - set(found) == _ignored_one_by_one(git_tree, everything)
+    # From a subdirectory, and through a glob, the same rules hold.
+    assert _posix(discover(["models"])) == ["models/a.onnx", "models/sub/best.onnx"]
+    assert _posix(discover(["**/*.onnx"])) == [p for p in found if p.endswith(".onnx")]
+    assert _posix(discover(["models/sub/*"])) == ["models/sub/best.onnx"]
+    assert _posix(discover(["*"])) == found  # matched directories walked, the nested one by its rules
+    assert _posix(discover(["nested/*"])) == ["nested/inner.onnx"]
+
+
+@needs_git
+def test_one_git_call_per_walk_and_per_nested_repository(git_tree, monkeypatch):
+    calls: list[list[str]] = []
+    run = subprocess.run
+
+    def spy(args, *rest, **kwargs):
+        calls.append(list(args))
+        return run(args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", spy)
+    discover(["."])
+    listing = ["ls-files", "-z", "--others", "--ignored", "--exclude-standard", "--directory"]
+    assert [c[-6:] for c in calls] == [listing, listing]  # the tree's, then the nested repository's
+    calls.clear()
+    discover(["models", "vendor"])
+    assert len(calls) == 2
+
+
+@needs_git
+def test_a_named_ignored_file_is_audited_unless_force_exclude(git_tree):
+    named = ["checkpoints/run1/step_100.pt", "models/a.fixed.onnx", "models/a.onnx"]
+    assert _posix(discover(named)) == sorted(named)
+    assert _posix(discover(named, force_exclude=True)) == ["models/a.onnx"]
+    assert discover(["checkpoints/run1/step_100.pt"], force_exclude=True) == []  # pre-commit's empty run
+    assert _posix(discover(named, force_exclude=True, respect_gitignore=False)) == sorted(named)
+    # A tracked file is never ignored, named or walked; nor is a file of a nested repository.
+    assert _posix(discover(["forced/tracked.onnx", "nested/inner.onnx"], force_exclude=True)) == [
+        "forced/tracked.onnx",
+        "nested/inner.onnx",
+    ]
+    assert discover(["nested/scratch/tmp.onnx"], force_exclude=True) == []
+
+
+@needs_git
+def test_a_named_ignored_directory_is_walked_whole_unless_force_exclude(git_tree):
+    steps = ["checkpoints/run1/step_100.pt", "checkpoints/run1/step_200.pt"]
+    assert _posix(discover(["checkpoints"])) == steps
+    assert _posix(discover(["checkpoints/run1"])) == steps
+    assert discover(["checkpoints"], force_exclude=True) == []
+
+
+def test_without_a_repository_or_without_git_nothing_is_filtered(tree, monkeypatch):
+    (tree / ".gitignore").write_text("models/\n")  # not a work tree: git's rules do not apply
+    assert _posix(discover(["models"])) == WALKED
+    monkeypatch.setenv("PATH", str(tree / "no-such-bin"))  # no git at all
+    assert _posix(discover(["."], force_exclude=True)) == ["legacy/keep/new.onnx", "legacy/old.onnx", *WALKED]
+
+
+@needs_git
+def test_without_git_on_path_a_repository_is_walked_unfiltered(git_tree, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(git_tree / "no-such-bin"))
+    assert len(discover(["."])) == 12
+    assert capsys.readouterr() == ("", "")  # silently
+
+
+@needs_git
+def test_a_repositorys_fsmonitor_hook_does_not_run(git_tree):
+    """``core.fsmonitor`` in a repository's config names a program that plain ``git ls-files``
+    and ``git check-ignore`` run; a model repository unpacked from an archive could set it."""
+    marker = git_tree / "hook-ran"
+    hook = git_tree / "hook.sh"
+    hook.write_text(f"#!/bin/sh\ntouch '{marker}'\n")
+    hook.chmod(0o755)
+    _git(git_tree, "config", "core.fsmonitor", str(hook))
+    _git(git_tree, "add", ".gitignore")  # an index for the hook to be asked about
+    subprocess.run([GIT, "ls-files", "--others"], cwd=git_tree, capture_output=True, check=True)
+    assert marker.exists()  # the hazard is real: plain git runs it
+    marker.unlink()
+    assert len(discover(["."])) == 5
+    assert _posix(discover(["models/a.fixed.onnx", "models/a.onnx"], force_exclude=True)) == ["models/a.onnx"]
+    assert not marker.exists()

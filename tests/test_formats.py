@@ -30,7 +30,7 @@ from initaudit.report.junit import render_junit
 from initaudit.report.markdown import render_markdown
 from initaudit.report.model_error import ModelError
 from initaudit.report.sarif import FINGERPRINT_KEY, render_sarif
-from initaudit.rules import RULES, Severity
+from initaudit.rules import RULES, Finding, Severity
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = sorted((ROOT / "sample_models").glob("*.onnx"))
@@ -85,9 +85,13 @@ def weights_only() -> AuditResult:
     return audit_graph(graph, "mlp.safetensors")
 
 
-def fingerprint(code: str, path: str, location: str) -> str:
-    """DESIGN.md's fingerprint, computed independently of rules.py."""
-    return hashlib.sha256(f"{code}|{path}|{location}".encode()).hexdigest()[:16]
+def fingerprint(finding: Finding, path: str) -> str:
+    """DESIGN.md's fingerprint of a located finding, computed independently of rules.py (the
+    formula every existing baseline and code-scanning alert holds). Findings without a location
+    hash their message too: their properties are tested in test_unlocated_findings_*."""
+    if not finding.location:
+        return finding.fingerprint(path)
+    return hashlib.sha256(f"{finding.code}|{path}|{finding.location}".encode()).hexdigest()[:16]
 
 
 # JSON -----------------------------------------------------------------------------------------
@@ -113,7 +117,7 @@ def test_json_validates_on_every_sample_and_round_trips(results, weights_only):
     assert {f["code"] for f in weights["findings"]} >= {"IA105", "IA501"}
     for report, result in zip(document["reports"], [*results, weights_only], strict=True):
         assert [f["fingerprint"] for f in report["findings"]] == [
-            fingerprint(f.code, result.path, f.location) for f in result.findings
+            fingerprint(f, result.path) for f in result.findings
         ]
 
 
@@ -244,9 +248,7 @@ def test_sarif_validates_on_every_sample(results, weights_only):
         assert driver["rules"][sarif_result["ruleIndex"]]["id"] == finding.code
         assert sarif_result["level"] == LEVELS[str(finding.severity)]
         assert finding.message in sarif_result["message"]["text"]
-        assert sarif_result["partialFingerprints"][FINGERPRINT_KEY] == fingerprint(
-            finding.code, result.path, finding.location
-        )
+        assert sarif_result["partialFingerprints"][FINGERPRINT_KEY] == fingerprint(finding, result.path)
         (location,) = sarif_result["locations"]
         artifact = location["physicalLocation"]["artifactLocation"]
         assert unquote(artifact["uri"]) == (ROOT / result.path).relative_to(ROOT).as_posix()
@@ -312,8 +314,64 @@ def test_sarif_fingerprints_do_not_depend_on_the_working_directory(odd, tmp_path
     again = audit_file(f"{tmp_path.name}/{ODD_DIR}/model.onnx")
     assert again.path == f"{tmp_path.name}/{ODD_DIR}/model.onnx"
     assert [r["partialFingerprints"][FINGERPRINT_KEY] for r in document["runs"][0]["results"]] == [
-        fingerprint(f.code, again.path, f.location) for f in again.findings
+        fingerprint(f, again.path) for f in again.findings
     ]
+
+
+# Fingerprints of findings without a location -------------------------------------------------
+
+
+def _note(message: str, code: str = "IA903") -> Finding:
+    return Finding(code, Severity.INFO, message)
+
+
+def test_unlocated_findings_differ_by_message_but_not_by_number():
+    path = "models/a.onnx"
+    one = _note("weights-only audit: 12 tensors not checked for scale (ln.weight, emb.weight)")
+    # Counts, ratios, exponents, signs and negative numbers change; the note stays the same note.
+    for changed in (
+        "weights-only audit: 13 tensors not checked for scale (ln.weight, emb.weight)",
+        "weights-only audit: 1,024 tensors not checked for scale (ln.weight, emb.weight)",
+    ):
+        assert _note(changed).fingerprint(path) == one.fingerprint(path)
+    ratio = _note("variance 0.123x of He, 6 layers, eps 1e-05, shift -3.5")
+    moved = _note("variance 4.5x of He, 60 layers, eps 2E-7, shift +12")
+    assert moved.fingerprint(path) == ratio.fingerprint(path)
+    # Two different notes in one model, or one note in two rules or two models, differ.
+    other = _note("shape inference failed (boom); shapes come from weights only")
+    assert len({one.fingerprint(path), other.fingerprint(path), ratio.fingerprint(path)}) == 3
+    assert _note(one.message, "IA902").fingerprint(path) != one.fingerprint(path)
+    assert one.fingerprint("models/b.onnx") != one.fingerprint(path)
+    # A quoted name is an identity: its digits are kept.
+    first = _note("graph output 'logits_1' does not depend on the input")
+    second = _note("graph output 'logits_2' does not depend on the input")
+    assert first.fingerprint(path) != second.fingerprint(path)
+    assert _note("2 `Conv2` ops").fingerprint(path) != _note("2 `Conv3` ops").fingerprint(path)
+    # Never the fingerprint every unlocated finding of a rule shared before (code|path|).
+    shared = hashlib.sha256(f"IA903|{path}|".encode()).hexdigest()[:16]
+    assert shared not in {one.fingerprint(path), other.fingerprint(path)}
+
+
+def test_located_fingerprints_ignore_the_message():
+    """A located finding is keyed by its tensor alone, byte for byte as before: a reworded or
+    renumbered message keeps it, and the value is DESIGN.md's formula."""
+    finding = Finding("IA103", Severity.WARNING, "variance 0.17x He", location="fc1.weight")
+    again = replace(finding, message="variance 0.5x He; something else entirely")
+    expected = hashlib.sha256(b"IA103|m.onnx|fc1.weight").hexdigest()[:16]
+    assert finding.fingerprint("m.onnx") == again.fingerprint("m.onnx") == expected
+
+
+def test_sarif_keeps_two_notes_of_one_model_apart(results):
+    result = results[0]
+    notes = [
+        _note("opset 6 is older than 7; attribute defaults may be misread"),
+        _note("2 sparse initializer(s) were not read"),
+        _note("3 sparse initializer(s) were not read"),  # the same note as the last one
+    ]
+    run = sarif([replace(result, findings=notes)])["runs"][0]
+    prints = [r["partialFingerprints"][FINGERPRINT_KEY] for r in run["results"]]
+    assert prints[0] != prints[1] and prints[1] == prints[2]
+    assert prints == [n.fingerprint(result.path) for n in notes]
 
 
 # GitHub annotations ---------------------------------------------------------------------------

@@ -57,6 +57,11 @@ def _save(
     return path
 
 
+def _own(attrs: dict) -> dict:
+    """A layer's attributes less the ONNX value it stands for (checked on its own)."""
+    return {key: value for key, value in attrs.items() if key != "onnx_value"}
+
+
 def _mlp(tmp_path: Path) -> tuple[Path, list[np.ndarray]]:
     w1 = (RNG.standard_normal((64, 32)) * 0.2).astype(np.float32)
     w2 = (RNG.standard_normal((32, 10)) * 0.5).astype(np.float32)
@@ -94,6 +99,8 @@ def test_matmul_add_stack_gives_dense_layers(tmp_path: Path) -> None:
     assert graph["x"].width == 64 and graph["x"].shape == (1, 64)  # symbolic batch -> 1
     assert fc2.shape == (1, 10)
     assert graph.following_activation("fc1") == "relu"
+    # The value each layer stands for: a fused bias Add's output, not the MatMul's.
+    assert [layer.attrs["onnx_value"] for layer in graph] == ["x", "a1", "r1", "y"]
     assert graph.meta["opset"] == 17 and graph.meta["producer"] == "tests"
     assert graph.meta["bn_folded"] is False
     assert set(graph.meta["tensor_stats"]) == {"W1", "b1", "W2", "b2"}
@@ -135,7 +142,7 @@ def test_grouped_conv_fan_in_and_folded_batchnorm(tmp_path: Path) -> None:
     assert conv.attrs["pads"] == [1, 1, 1, 1] and conv.attrs["strides"] == [1, 1]
     assert conv.shape == (1, 16, 10, 10) and graph["x"].width == 8
     gap = graph["gap"]
-    assert gap.kind is Kind.POOL and gap.attrs == {"mode": "global_avg", "window": 100}
+    assert gap.kind is Kind.POOL and gap.attrs == {"mode": "global_avg", "window": 100, "onnx_value": "p"}
     assert graph["flat"].kind is Kind.RESHAPE and graph["flat"].width == 16
     assert graph.meta["bn_folded"] is True
 
@@ -181,6 +188,8 @@ def test_silu_and_gelu_erf_collapse_to_one_layer_each(tmp_path: Path) -> None:
     assert graph["gelu_half"].inputs == ["fc2"] and graph["gelu_half"].attrs["approximate"] == "none"
     assert graph["g2_out"].inputs == ["gelu_half"] and graph.outputs == ["g2_out"]
     assert graph.following_activation("fc2") == "gelu"
+    values = {layer.name: layer.attrs["onnx_value"] for layer in graph}
+    assert values == {"x": "x", "fc1": "h", "silu": "a", "fc2": "g", "gelu_half": "z", "g2_out": "y"}
 
 
 def test_gelu_tanh_and_decomposed_layernorm_collapse(tmp_path: Path) -> None:
@@ -220,6 +229,7 @@ def test_gelu_tanh_and_decomposed_layernorm_collapse(tmp_path: Path) -> None:
     assert ln.attrs["norm"] == "layer" and ln.attrs["gamma"].rms == pytest.approx(2.0)
     assert ln.attrs["epsilon"] == pytest.approx(1e-5) and ln.width == 6
     assert gelu.activation == "gelu" and gelu.attrs["approximate"] == "tanh" and gelu.inputs == ["ln_out"]
+    assert (ln.attrs["onnx_value"], gelu.attrs["onnx_value"]) == ("ln", "y")
 
 
 def test_residual_block_with_scalar_gate(tmp_path: Path) -> None:
@@ -232,7 +242,7 @@ def test_residual_block_with_scalar_gate(tmp_path: Path) -> None:
     path = _save(tmp_path, nodes, [_w("W", 16, 16, std=math.sqrt(2 / 16)), _c("eta", 0.25)], [1, 16], [1, 16])
     graph = load_onnx(path)
     assert graph["gate"].kind is Kind.SCALE
-    assert graph["gate"].attrs == {"value": pytest.approx(0.25), "constant": "eta"}
+    assert graph["gate"].attrs == {"value": pytest.approx(0.25), "constant": "eta", "onnx_value": "g"}
     assert graph["join"].kind is Kind.ADD and sorted(graph["join"].inputs) == ["gate", "x"]
     (block,) = graph.residual_blocks()
     assert block.add == "join" and block.fork == "x" and block.skip == "x"
@@ -387,7 +397,7 @@ def test_opset_7_and_21_models_load(tmp_path: Path) -> None:
     assert bn.attrs["norm"] == "batch" and bn.attrs["epsilon"] == pytest.approx(1e-3)
     assert bn.attrs["gamma"].rms == pytest.approx(1.0) and bn.attrs["beta"].mean == pytest.approx(0.5)
     assert bn.attrs["running_var"].mean == pytest.approx(1.0) and bn.width == 5
-    assert graph["act"].attrs == {"activation": "leaky_relu", "alpha": pytest.approx(0.01)}
+    assert _own(graph["act"].attrs) == {"activation": "leaky_relu", "alpha": pytest.approx(0.01)}
 
     new = [
         helper.make_node("Unsqueeze", ["x", "axes"], ["u"], name="unsq"),
@@ -401,7 +411,8 @@ def test_opset_7_and_21_models_load(tmp_path: Path) -> None:
     assert graph.meta["opset"] == 21
     assert graph["conv"].fan_in == 6 and graph["conv"].shape == (1, 4, 7)
     assert graph["gn"].attrs["norm"] == "group" and graph["gn"].attrs["num_groups"] == 2
-    assert graph["gelu"].attrs == {"activation": "gelu", "approximate": "tanh"} and graph["gelu"].width == 4
+    assert _own(graph["gelu"].attrs) == {"activation": "gelu", "approximate": "tanh"}
+    assert graph["gelu"].width == 4
 
 
 # ----------------------------------------------------------------------------- load errors

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -58,6 +60,7 @@ fail-on = "warning"
 exclude = ["build"]
 extend-exclude = ["scratch/**"]
 force-exclude = true
+respect-gitignore = false
 baseline = "ci/baseline.json"
 """,
         )
@@ -66,7 +69,8 @@ baseline = "ci/baseline.json"
     assert config.per_file_ignores == {"legacy/*.onnx": ["IA101"], "draft_*": ["IA5", "IA9"]}
     assert config.severity == {"IA103": "error", "IA9": "off"}
     assert (config.fail_on, config.exclude, config.extend_exclude) == ("warning", ["build"], ["scratch/**"])
-    assert config.force_exclude is True
+    assert config.force_exclude is True and config.respect_gitignore is False
+    assert read_config(_write(tmp_path / "empty.toml", "[tool.initaudit]\n")).respect_gitignore is None
     assert config.baseline == tmp_path / "ci" / "baseline.json"  # relative to the config file
     assert config.warnings == []
 
@@ -82,6 +86,7 @@ baseline = "ci/baseline.json"
         ('per-file-ignores = { "a/[b" = ["IA1"] }', "unclosed"),
         ('per-file-ignores = ["IA1"]', "must be a table"),
         ("force-exclude = 1", "must be true or false"),
+        ('respect-gitignore = "yes"', "must be true or false"),
         ("baseline = 3", "must be a path"),
         ('exclude = "build"', "must be a list of globs"),
     ],
@@ -266,4 +271,31 @@ def test_discovery_uses_the_project_and_the_models_excludes(repo, monkeypatch):
     # Named explicitly, a file is audited unless --force-exclude.
     named = ["sub/drafts/d.onnx", "models/scratch/b.onnx"]
     assert len(PolicyResolver().discover(named)) == 2
+    assert PolicyResolver(CliPolicy(force_exclude=True)).discover(named) == []
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_respect_gitignore_from_the_project_config_and_the_flag(tmp_path, monkeypatch):
+    """On by default; the project's ``respect-gitignore = false`` turns it off; the flag wins."""
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", os.devnull)
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    monkeypatch.chdir(tmp_path)
+    for name in ("models/a.onnx", "checkpoints/step_1.pt"):
+        _write(tmp_path / name, "x")
+    _write(tmp_path / ".gitignore", "checkpoints/\n")
+    subprocess.run(["git", "init", "-q", "."], check=True)
+    every = ["checkpoints/step_1.pt", "models/a.onnx"]
+
+    def found(cli: CliPolicy | None = None) -> list[str]:
+        return [p.as_posix() for p in PolicyResolver(cli).discover(["."])]
+
+    assert found() == ["models/a.onnx"]
+    _write(tmp_path / "pyproject.toml", "[tool.initaudit]\nrespect-gitignore = false\n")
+    assert found() == every
+    assert found(CliPolicy(respect_gitignore=True)) == ["models/a.onnx"]
+    _write(tmp_path / "pyproject.toml", "[tool.initaudit]\n")
+    assert found(CliPolicy(respect_gitignore=False)) == every
+    # With --force-exclude a named ignored file goes too (pre-commit passes files by name).
+    named = ["checkpoints/step_1.pt"]
+    assert [p.as_posix() for p in PolicyResolver().discover(named)] == named
     assert PolicyResolver(CliPolicy(force_exclude=True)).discover(named) == []

@@ -320,10 +320,17 @@ def test_xavier_branches_have_a_smaller_gain():
     assert closed * 0.99 <= eta <= closed
 
 
-def test_answers_for_a_graph_without_spec_use_the_closed_forms():
-    answers = design_answers(plain_mlp(64, [64] * 50))
-    assert answers["min_width"].value == math.ceil(50 / 0.3)
-    assert not answers["min_width"].checked
+def test_a_graph_without_spec_gets_the_same_width_and_depth_as_its_spec():
+    # A model file's graph has no spec to vary, but the same FM2 answers: both come from the
+    # graph's constant-width chain (initaudit.design), as IA201's fix text does.
+    spec = make_spec([64] * 50)
+    keys = ("min_width", "min_width_error", "max_depth", "max_depth_error")
+    from_file = design_answers(plain_mlp(64, [64] * 50))
+    from_spec = design_answers(spec)
+    assert [from_file[k].value for k in keys] == [from_spec[k].value for k in keys]
+    assert from_file["min_width"].value > math.ceil(50 / 0.3)  # Var ln M / 5 > beta for ReLU
+    assert all(from_file[k].checked for k in keys)
+    assert "variance_multiplier" not in from_file  # no init law to vary
 
 
 def test_audit_design_and_json():

@@ -5,10 +5,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import random
 
 import pytest
 
 from initaudit.audit import Selection, audit_graph, display_path
+from initaudit.graph import Kind, Layer, LayerGraph
+from initaudit.residual import find_residual_blocks
 from initaudit.rules import RULES, Severity
 from initaudit.synthetic import law_stats, plain_mlp, residual_mlp
 from initaudit.theory.special import log_relu_average
@@ -74,10 +77,32 @@ def test_fm2_thresholds_and_advice():
     result = audit_graph(plain_mlp(32, [32] * 40))  # beta = 1.25
     (finding,) = [f for f in result.findings if f.code == "IA201"]
     assert finding.severity is Severity.ERROR
-    assert finding.evidence["width_needed"] == math.ceil(40 / 0.3)
+
+    # A bias-free ReLU chain of width n: Var ln M_L = L Var ln R(n) exactly (Hanin & Rolnick's
+    # binomial mixture of log-chi^2 laws), judged as max(L/n, Var ln M_L / 5) <= bound.
+    def passes(n: int, depth: int, bound: float) -> bool:
+        return max(depth / n, depth * log_relu_average(n)[1] / 5) <= bound
+
+    for key, bound in (("width_needed", 0.3), ("width_needed_error", 1.0)):
+        width = next(n for n in range(1, 1000) if passes(n, 40, bound))
+        assert finding.evidence[key] == width > math.ceil(40 / bound)  # beta alone undercounts
     # Var ln M = depth * Var ln R(32) must stay below 5 * 0.3; Var ln R = 5/n + O(1/n^2).
     per_layer = log_relu_average(32)[1]
     assert finding.evidence["depth_allowed"] == math.floor(5 * 0.3 / per_layer)
+    assert finding.evidence["depth_allowed_error"] == math.floor(5 * 1.0 / per_layer)
+    e = finding.evidence
+    assert (
+        f"at least {e['width_needed_error']} (no error) / {e['width_needed']} (no warning) at depth 40"
+        in finding.fix
+    )
+    assert (
+        f"cut depth to {e['depth_allowed_error']} (no error) / {e['depth_allowed']} (no warning)"
+        in finding.fix
+    )
+    # A warning names the width and depth that remove it, and no error level.
+    (warning,) = [f for f in audit_graph(plain_mlp(64, [64] * 30)).findings if f.code == "IA201"]
+    assert f"at least {warning.evidence['width_needed']} at depth 30" in warning.fix
+    assert "no error" not in warning.fix and "for no warning" in warning.fix
 
 
 def test_residual_rules():
@@ -134,3 +159,67 @@ def test_every_rule_is_documented():
 def test_law_stats_kurtosis_reaches_the_rules():
     stats = law_stats("w", (10, 10), 0.5, kurtosis=1.8)
     assert stats.second_moment == pytest.approx(0.25) and stats.kurtosis == 1.8
+
+
+def _blocks_by_ancestor_sets(graph) -> list:
+    """The definition of a residual join, by whole ancestor sets (quadratic in depth)."""
+    from initaudit.residual import _block
+
+    order = {layer.name: i for i, layer in enumerate(graph)}
+    blocks = []
+    for layer in graph:
+        if layer.kind is not Kind.ADD or len(layer.inputs) != 2:
+            continue
+        reach = [graph.ancestors(name) | {name} for name in layer.inputs]
+        common = reach[0] & reach[1]
+        if not common:
+            continue
+        fork = max(common, key=order.__getitem__)
+        paths = [sorted((r - graph.ancestors(fork)) - {fork}, key=order.__getitem__) for r in reach]
+        weights = [sum(graph[n].is_linear for n in path) for path in paths]
+        b = 0 if (weights[0], len(paths[0])) > (weights[1], len(paths[1])) else 1
+        blocks.append(_block(graph, layer, fork, layer.inputs[1 - b], paths[b]))
+    return blocks
+
+
+def test_residual_blocks_match_the_ancestor_set_definition():
+    rng = random.Random(11)
+    kinds = [Kind.DENSE, Kind.ACTIVATION, Kind.ADD, Kind.ADD, Kind.SCALE, Kind.NORM]
+    for trial in range(600):
+        layers = [Layer("in0", Kind.INPUT, "Input", width=4), Layer("in1", Kind.INPUT, "Input", width=4)]
+        for i in range(rng.randint(2, 30)):
+            kind = rng.choice(kinds)
+            names = [layer.name for layer in layers]
+            near = names[-rng.randint(1, len(names)) :]
+            inputs = [rng.choice(near) for _ in range(2 if kind is Kind.ADD else rng.choice([1, 1, 2]))]
+            if kind is not Kind.ADD and rng.random() < 0.1:
+                inputs.append("not-a-layer")  # ancestors() skips names the graph does not hold
+            layers.append(Layer(f"l{i}", kind, "Op", inputs, width=4, fan_in=4))
+        if trial % 5 == 0:
+            rng.shuffle(layers)  # not topological: the ancestor-set fallback
+        graph = LayerGraph(layers, inputs=["in0"], outputs=[layers[-1].name])
+        assert find_residual_blocks(graph) == _blocks_by_ancestor_sets(graph)
+    graph = residual_mlp(32, 20, eta=0.5, stem=[16, 16])
+    assert find_residual_blocks(graph) == _blocks_by_ancestor_sets(graph)
+
+
+def test_residual_blocks_cost_is_linear_in_depth(monkeypatch):
+    # The walk back from each join visits its branch and stops at the fork: the layers it
+    # visits per block do not grow with the number of blocks before it.
+    import initaudit.residual as residual
+
+    visits = 0
+    pop = residual.heapq.heappop
+
+    def counting(heap: list) -> object:
+        nonlocal visits
+        visits += 1
+        return pop(heap)
+
+    monkeypatch.setattr(residual.heapq, "heappop", counting)
+    per_block = []
+    for blocks in (25, 400):
+        visits = 0
+        assert len(find_residual_blocks(residual_mlp(8, blocks))) == blocks
+        per_block.append(visits / blocks)
+    assert per_block[1] <= per_block[0] + 1e-9

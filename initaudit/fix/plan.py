@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from initaudit.audit import AuditResult, Selection, audit_graph
+from initaudit.design import bisect_geometric, fm2_design_for
 from initaudit.errors import UsageError
 from initaudit.graph import Kind, Layer, LayerGraph, ResidualBlock
 from initaudit.rules import Thresholds, _bias_dominated, right_variance
@@ -439,12 +440,7 @@ class _PlanBuilder:
         if growth(lo) > RESIDUAL_TARGET:
             self.plan.notes.append("the residual stream still grows with every branch scaled down 10^4x")
             return
-        for _ in range(30):
-            mid = math.sqrt(lo * hi)
-            if growth(mid) > RESIDUAL_TARGET:
-                hi = mid
-            else:
-                lo = mid
+        lo = bisect_geometric(lambda shrink: growth(shrink) <= RESIDUAL_TARGET, lo, hi, rel=1e-8)
         self.plan.changes = [
             replace(c, factor=c.factor * lo, new_std=c.new_std * lo) if c in residual else c
             for c in self.plan.changes
@@ -501,98 +497,11 @@ def _gate_users(graph: LayerGraph, blocks: Any) -> dict[str, int]:
 def fm2_remedy(result: AuditResult, thresholds: Thresholds | None = None) -> dict[str, Any]:
     """The constant hidden width at which the theory passes FM2 for this depth, and the depth
     that passes at the current width: for the error threshold (what ``--fail-on error``
-    needs) and the warning threshold (a clean pass). Computed by running the same
-    prediction on a plain He-initialized (right-gain) MLP with the model's activation."""
+    needs) and the warning threshold (a clean pass). The numbers of IA201's fix text, from
+    :func:`initaudit.design.fm2_design_for` (a constant-width chain of the model's activation
+    and weight law, re-predicted)."""
     th = thresholds or Thresholds()
-    graph = result.graph
-    hidden = [
-        layer
-        for layer in graph.linear_layers()
-        if layer.width and graph.following_activation(layer.name) not in (None, "identity")
-    ]
-    depth = max(result.prediction.summary.depth, 1)
-    width = min((layer.width for layer in hidden if layer.width), default=0) or 1
-    activation = _main_activation(graph)
-    out: dict[str, Any] = {"depth": depth, "width": width, "activation": activation}
-    for label, severity in (("error", "error"), ("warning", "warning")):
-        passes_width = lambda n, sev=severity: _fm2_passes(activation, n, depth, sev, th)  # noqa: E731
-        passes_depth = lambda d, sev=severity: _fm2_passes(activation, width, d, sev, th)  # noqa: E731
-        out[f"width_{label}"] = _smallest(passes_width, width, 1 << 22)
-        out[f"depth_{label}"] = _largest(passes_depth, depth)
-    return out
-
-
-def _main_activation(graph: LayerGraph) -> tuple[str, dict[str, Any]]:
-    counts: dict[str, int] = {}
-    attrs: dict[str, dict[str, Any]] = {}
-    for layer in graph:
-        if layer.kind is Kind.ACTIVATION and layer.activation:
-            counts[layer.activation] = counts.get(layer.activation, 0) + 1
-            attrs.setdefault(layer.activation, layer.attrs)
-    if not counts:
-        return "relu", {}
-    name = max(counts, key=counts.__getitem__)
-    keep = {k: v for k, v in attrs[name].items() if k in ("alpha", "gamma", "approximate")}
-    return name, keep
-
-
-def _fm2_passes(
-    activation: tuple[str, dict[str, Any]], width: int, depth: int, severity: str, th: Thresholds
-) -> bool:
-    from initaudit.rules import Severity
-    from initaudit.synthetic import law_stats
-    from initaudit.theory.activations import get_activation
-
-    name, attrs = activation
-    gain = get_activation(name, **attrs).right_gain()
-    layers = [Layer("input", Kind.INPUT, "Input", width=width)]
-    for j in range(depth):
-        layers.append(
-            Layer(
-                f"fc{j}", Kind.DENSE, "MatMul", [layers[-1].name], width=width, fan_in=width, fan_out=width,
-                weight=law_stats(f"fc{j}.weight", (width, width), math.sqrt(gain / width)),
-            )
-        )  # fmt: skip
-        layers.append(
-            Layer(f"act{j}", Kind.ACTIVATION, name, [layers[-1].name], width=width,
-                  attrs={"activation": name, **attrs})
-        )  # fmt: skip
-    graph = LayerGraph(layers, inputs=["input"], outputs=[layers[-1].name], source="fm2-remedy")
-    result = audit_graph(graph, "fm2-remedy", th)
-    worst = Severity.parse(severity)
-    return not any(f.code == "IA201" and f.severity >= worst for f in result.findings)
-
-
-def _smallest(passes: Callable[[int], bool], start: int, cap: int) -> int | None:
-    """The smallest n >= start with passes(n) (monotone), or None below ``cap``."""
-    lo, hi = start, max(start, 1)
-    while not passes(hi):
-        lo, hi = hi, hi * 2
-        if hi > cap:
-            return None
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if passes(mid):
-            hi = mid
-        else:
-            lo = mid
-    return hi
-
-
-def _largest(passes: Callable[[int], bool], start: int) -> int:
-    """The largest depth d <= start with passes(d) (monotone), 0 when none does."""
-    if passes(start):
-        return start
-    if not passes(1):
-        return 0
-    lo, hi = 1, start  # passes(lo), not passes(hi)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if passes(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    return fm2_design_for(result.graph, result.prediction, th).as_dict()
 
 
 def _fm2_text(result: AuditResult, remedy: dict[str, Any]) -> str:

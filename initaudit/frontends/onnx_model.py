@@ -45,6 +45,12 @@ _SUBBYTE_TYPES = {
 }
 _KNOWN_TYPES = set(TensorProto.DataType.values()) - {TensorProto.UNDEFINED}
 _FLOAT_TYPES = {value for name, value in TensorProto.DataType.items() if "FLOAT" in name or name == "DOUBLE"}
+#: Graph inputs of these types feed lookups and masks in a token model, not the signal.
+_DISCRETE_TYPES = {
+    getattr(TensorProto, name)
+    for name in ("INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64", "BOOL")
+}
+_INDEX_TYPES = {TensorProto.INT32, TensorProto.INT64}
 
 
 @dataclass
@@ -145,8 +151,8 @@ def load_onnx(path: str | Path, input_shape: tuple[int, ...] | None = None) -> L
     consts, all_stats = _read_initializers(p, model, notes)
     _check(p, model)
     input_shapes = _fix_input_shapes(p, model, real_inputs, input_shape)
-    shapes = _infer_shapes(model, notes)
-    builder = _Builder(p, model, consts, shapes, real_inputs, notes)
+    shapes, types = _infer_shapes(model, notes)
+    builder = _Builder(p, model, consts, shapes, real_inputs, notes, types)
     graph = builder.build()
     graph.meta["input_shapes"] = input_shapes
     graph.meta["tensor_stats"] = {**all_stats, **builder.node_stats}
@@ -360,14 +366,23 @@ def _fix_input_shapes(
     return {name: _dims_of(by_name[name]) for name in real_inputs}
 
 
-def _infer_shapes(model: onnx.ModelProto, notes: list[str]) -> dict[str, tuple[int | None, ...] | None]:
+def _infer_shapes(
+    model: onnx.ModelProto, notes: list[str]
+) -> tuple[dict[str, tuple[int | None, ...] | None], dict[str, int]]:
+    """Every value's dims, and its element type where known (an embedding's indices are integers)."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
     except Exception as exc:
         notes.append(f"shape inference failed ({_one_line(exc, 160)}); shapes come from weights only")
         inferred = model
     g = inferred.graph
-    return {vi.name: _dims_of(vi) for vi in (*g.input, *g.value_info, *g.output)}
+    values = (*g.input, *g.value_info, *g.output)
+    types = {
+        vi.name: vi.type.tensor_type.elem_type
+        for vi in values
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type != TensorProto.UNDEFINED
+    }
+    return {vi.name: _dims_of(vi) for vi in values}, types
 
 
 # --------------------------------------------------------------------------- constant folding
@@ -488,6 +503,7 @@ class _Builder:
         shapes: dict[str, tuple[int | None, ...] | None],
         real_inputs: list[str],
         notes: list[str],
+        types: dict[str, int] | None = None,
     ) -> None:
         self.path = path
         self.model = model
@@ -496,9 +512,12 @@ class _Builder:
         self.shapes = shapes
         self.real_inputs = real_inputs
         self.notes = notes
+        self.types = {t.name: t.data_type for t in model.graph.initializer} | dict(types or {})
         self.graph_outputs = {o.name for o in model.graph.output}
         self.opset = next((o.version for o in model.opset_import if o.domain in _DEFAULT_DOMAINS), 0)
         self.signal: set[str] = set(real_inputs)
+        self.embeddings: dict[int, str] = {}  # Gather node index -> its table
+        self.sources: list[str] = []  # layers where the signal starts: graph.inputs
         self.producer: dict[str, str] = {}  # tensor -> layer name
         self.layers: list[Layer] = []
         self.by_name: dict[str, Layer] = {}
@@ -577,6 +596,7 @@ class _Builder:
     # ---- the passes
 
     def build(self) -> LayerGraph:
+        self._find_embeddings()
         self._classify()
         for matcher in _MATCHERS:
             for i in range(len(self.nodes)):
@@ -592,13 +612,19 @@ class _Builder:
                     self.absorbed.update(j for j in group.nodes if j != first)
         names = self.names = self._node_names()
         for name in self.real_inputs:
+            if name not in self.signal:
+                continue  # token ids or a mask: the embedding starts the signal
             shape = self.shapes.get(name)
+            width = feature_width(shape, None, rank3="last")
             self._emit(
-                Layer(name, Kind.INPUT, "Input", width=feature_width(shape, None, rank3="last"), shape=shape),
-                [name],
+                Layer(name, Kind.INPUT, "Input", width=width, shape=shape, attrs={"onnx_value": name}), [name]
             )
+            self.sources.append(name)
         for i, node in enumerate(self.nodes):
             if i in self.absorbed:
+                continue
+            if i in self.embeddings:
+                self._emit_embedding(i, node, names[i])
                 continue
             if i in self.groups:
                 self._emit_group(self.groups[i], names)
@@ -608,9 +634,53 @@ class _Builder:
             self._emit_node(i, node, names[i])
         return self._finish()
 
+    def _find_embeddings(self) -> None:
+        """``Gather(table, ids)`` on a constant rank-2 float table with integer ids, along axis 0:
+        a lookup that starts the signal (nn.Embedding, as the torch frontend reads it).
+
+        When the ids of one come from an integer graph input, the model reads tokens: its
+        integer and boolean inputs (ids, token types, positions, attention masks) are indices
+        and masks, not signals, as torch treats its integer inputs. Elsewhere (a uint8 image
+        cast to float) such an input still carries the signal.
+        """
+        for i, node in enumerate(self.nodes):
+            if (
+                node.op_type == "Gather"
+                and node.domain in _DEFAULT_DOMAINS
+                and len(node.input) == 2
+                and int(_attr(node, "axis", 0)) == 0
+                and self._is_table(node.input[0])
+                and self.types.get(node.input[1]) in _INDEX_TYPES
+            ):
+                self.embeddings[i] = node.input[0]
+        discrete = {t for t in self.real_inputs if self.types.get(t) in _DISCRETE_TYPES}
+        if not discrete or not self.embeddings:
+            return
+        reached = set(discrete)
+        for node in self.nodes:
+            if any(t in reached for t in _node_inputs(node)):
+                reached.update(t for t in node.output if t)
+        if any(self.nodes[i].input[1] in reached for i in self.embeddings):
+            self.signal -= discrete
+
+    def _is_table(self, t: str) -> bool:
+        """A rank-2 float tensor known without the input: an initializer or a Constant node."""
+        c = self.consts.get(t)
+        if c is not None:
+            return c.stats is not None and c.shape is not None and len(c.shape) == 2
+        i = self.node_of.get(t)
+        node = self.nodes[i] if i is not None else None
+        if node is None or node.op_type != "Constant" or node.domain not in _DEFAULT_DOMAINS:
+            return False
+        value = next((a.t for a in node.attribute if a.name == "value"), None)
+        return value is not None and value.data_type in _FLOAT_TYPES and len(value.dims) == 2
+
     def _classify(self) -> None:
         """Which tensors carry the signal; the rest are constants, folded where cheap."""
-        for node in self.nodes:
+        for i, node in enumerate(self.nodes):
+            if i in self.embeddings:
+                self.signal.update(t for t in node.output if t)  # a lookup starts the signal
+                continue
             ins = [t for t in _node_inputs(node) if t]
             shape_only = node.op_type in ("Shape", "Size") and node.domain in _DEFAULT_DOMAINS
             if shape_only or not any(t in self.signal for t in ins):
@@ -730,6 +800,9 @@ class _Builder:
             reason = f"{node.op_type} could not be read ({_one_line(exc, 120)}); treated as pass-through"
             layer = self.passthrough(n, Kind.UNMODELED, {"reason": reason}, keep_width=False)
         outputs = list(node.output)
+        # The value the layer stands for: a fused bias Add's output, else the node's own.
+        last = self.nodes[self.pending[-1]] if self.pending else node
+        layer.attrs["onnx_value"] = last.output[0] if last.output else ""
         if self.pending:
             layer.attrs["fused"] = [name] + [self.names[j] for j in self.pending]
             for j in self.pending:
@@ -742,6 +815,7 @@ class _Builder:
         inputs = [self.src(group.x), *(self.src(t) for t in group.inputs)]
         attrs = dict(group.attrs)
         attrs["fused"] = [names[j] for j in sorted(group.nodes)]
+        attrs["onnx_value"] = group.out
         layer = Layer(
             name=names[last],
             kind=group.kind,
@@ -752,6 +826,21 @@ class _Builder:
             attrs=attrs,
         )
         self._emit(layer, [t for j in group.nodes for t in self.nodes[j].output])
+
+    def _emit_embedding(self, i: int, node: onnx.NodeProto, name: str) -> None:
+        """An embedding lookup: an input whose width is the table's row length (as torch's)."""
+        table = self.consts.get(self.embeddings[i])
+        out = node.output[0]
+        shape = self.shape(out)
+        rows = table.shape if table is not None else None
+        width = rows[1] if rows and len(rows) == 2 else feature_width(shape, None, rank3="last")
+        attrs: dict[str, Any] = {
+            "embedding": self.embeddings[i],
+            "table": table.stats if table is not None else None,
+            "onnx_value": out,
+        }
+        self._emit(Layer(name, Kind.INPUT, node.op_type, width=width, shape=shape, attrs=attrs), [out])
+        self.sources.append(name)
 
     def absorb(self, i: int) -> bool:
         """Fold node ``i`` (later in the order) into the layer being built now, if still free."""
@@ -799,7 +888,7 @@ class _Builder:
         }
         return LayerGraph(
             layers=self.layers,
-            inputs=list(self.real_inputs),
+            inputs=list(self.sources),
             outputs=outputs,
             source=str(self.path),
             format="onnx",

@@ -179,17 +179,16 @@ _TAPPED = frozenset({"input", "dense", "conv", "activation", "norm", "scale", "p
 def _onnx_program(graph: LayerGraph) -> tuple[Any, dict[str, str], list[str], dict[str, str]]:
     """Convert through onnx2torch; each layer taps the fx node computing its ONNX value.
 
-    A layer of the ONNX frontend is named after its node and stands for that node's output;
-    a fused layer (MatMul + bias Add, a GELU or LayerNorm idiom) for the output that leaves
-    the fused nodes (after the Add). The bridge maps ONNX values to the fx nodes computing
-    them, so a tap sits on exactly the value the layer describes.
+    The ONNX frontend records in ``attrs["onnx_value"]`` the value each layer stands for (a
+    fused MatMul + bias Add: the Add's output; an embedding: its Gather's). The bridge maps
+    ONNX values to the fx nodes computing them, so a tap sits on exactly that value.
     """
-    import onnx
-
     from initaudit.montecarlo.onnx_bridge import onnx_program
 
-    input_layer = graph[graph.inputs[0]] if graph.inputs else None
-    shape = tuple(input_layer.shape or ()) if input_layer is not None else ()
+    # The file's first input, as load_onnx fixed its shape (token ids where an embedding
+    # starts the signal: then no layer stands for the input itself).
+    shapes = graph.meta.get("input_shapes") or {}
+    shape = tuple(next(iter(shapes.values()), None) or ())
     if not shape or any(d is None for d in shape):
         raise MonteCarloUnavailable("the ONNX input shape is symbolic: pass --input-shape")
     values: dict[str, str] = {}
@@ -197,12 +196,10 @@ def _onnx_program(graph: LayerGraph) -> tuple[Any, dict[str, str], list[str], di
         program, init_map = onnx_program(graph.source, shape, value_nodes=values)
     except InitauditError as error:
         raise MonteCarloUnavailable(f"cannot run the ONNX graph in torch: {error}") from None
-    proto = onnx.load(graph.source, load_external_data=False)
-    layer_values = onnx_layer_values(graph, proto)
     taps = {
-        layer.name: values[layer_values[layer.name]]
+        layer.name: values[value]
         for layer in graph
-        if layer.kind.value in _TAPPED and layer_values.get(layer.name) in values
+        if layer.kind.value in _TAPPED and (value := layer.attrs.get("onnx_value")) in values
     }
     if not any(layer.kind.value in ("activation", "add") and layer.name in taps for layer in graph):
         raise MonteCarloUnavailable(
@@ -211,59 +208,22 @@ def _onnx_program(graph: LayerGraph) -> tuple[Any, dict[str, str], list[str], di
     return program, taps, ["Monte Carlo ran the ONNX graph converted by onnx2torch"], init_map
 
 
-def onnx_layer_values(graph: LayerGraph, proto: Any) -> dict[str, str]:
-    """{layer name -> the ONNX value it stands for}, for a graph read by the ONNX frontend.
-
-    Layers are named as the frontend names nodes (the node's name where unique, else
-    ``<op>_<index>``, deduplicated against the inputs); a layer's value is its node's first
-    output, or for fused nodes the first output of the last node whose output leaves the group.
-    """
-    nodes = list(proto.graph.node)
-    init_names = {t.name for t in proto.graph.initializer}
-    inputs = [vi.name for vi in proto.graph.input if vi.name not in init_names]
-    counts: dict[str, int] = {}
-    for node in nodes:
-        counts[node.name] = counts.get(node.name, 0) + 1
-    taken = set(inputs)
-    by_name: dict[str, Any] = {}
-    for i, node in enumerate(nodes):
-        base = node.name if node.name and counts[node.name] == 1 else f"{node.op_type}_{i}"
-        name, k = base, 1
-        while name in taken:
-            name, k = f"{base}_{k}", k + 1
-        taken.add(name)
-        by_name[name] = node
-    consumers: dict[str, set[str]] = {}
-    for name, node in by_name.items():
-        for value in node.input:
-            consumers.setdefault(value, set()).add(name)
-    outputs = {o.name for o in proto.graph.output}
-    result = {name: name for name in inputs}
-    for layer in graph:
-        members = [m for m in layer.attrs.get("fused", [layer.name]) if m in by_name]
-        leaving = [
-            by_name[m].output[0]
-            for m in members
-            if by_name[m].output
-            and (by_name[m].output[0] in outputs or consumers.get(by_name[m].output[0], set()) - set(members))
-        ]
-        if leaving:
-            result[layer.name] = leaving[-1]
-        elif layer.name in by_name and by_name[layer.name].output:
-            result[layer.name] = by_name[layer.name].output[0]
-    return result
-
-
 def _input(program: Any, graph: LayerGraph, generator: Any) -> Any:
-    """The fixed input: N(0, 1) entries (or small integer ids) of the traced example's shape."""
+    """The fixed input: N(0, 1) entries (or small integer ids) of the traced example's shape;
+    a tuple where the program takes several (an ONNX file's token ids and attention mask)."""
     import torch
 
-    spec = next(s for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT")
-    node = next(n for n in program.graph_module.graph.nodes if n.name == spec.arg.name)
-    val = node.meta["val"]
-    if val.dtype.is_floating_point:
-        return _unit(torch.randn(tuple(val.shape), generator=generator)).to(val.dtype)
-    return torch.randint(0, 2, tuple(val.shape), generator=generator, dtype=val.dtype)
+    nodes = {n.name: n for n in program.graph_module.graph.nodes if n.op == "placeholder"}
+    inputs = []
+    for spec in program.graph_signature.input_specs:
+        if spec.kind.name != "USER_INPUT" or getattr(spec.arg, "name", None) not in nodes:
+            continue  # parameters, and constants the trace specialized
+        val = nodes[spec.arg.name].meta["val"]
+        if val.dtype.is_floating_point:
+            inputs.append(_unit(torch.randn(tuple(val.shape), generator=generator)).to(val.dtype))
+        else:
+            inputs.append(torch.randint(0, 2, tuple(val.shape), generator=generator, dtype=val.dtype))
+    return inputs[0] if len(inputs) == 1 else tuple(inputs)
 
 
 def _run_ensemble(
@@ -306,8 +266,12 @@ def _run_ensemble(
         sampled = resample(rest, options.resample, size, generator, fan_in=fan_in, laws=laws)
         noise = draw_noise(plan, size, generator)
         xs = x
-        if options.resample == "inputs" and x.is_floating_point():
-            xs = _unit(torch.randn((size, *x.shape), generator=generator).to(x.dtype), batched=True)
+        first = x if isinstance(x, torch.Tensor) else x[0]  # the others (masks) stay as they are
+        if options.resample == "inputs" and first.is_floating_point():
+            first = _unit(
+                torch.randn((size, *first.shape), generator=generator).to(first.dtype), batched=True
+            )
+            xs = first if isinstance(x, torch.Tensor) else (first, *x[1:])
         values = run_ensemble(
             program,
             taps,
@@ -321,12 +285,19 @@ def _run_ensemble(
             notes=notes,
         )
         parts.append(values)
-        m0s.append(_mean_square(xs, size))
+        m0s.append(_mean_square(first, size))
         done += size
         if progress is not None:
             progress(done, options.samples)
+    measured = {name: np.concatenate([p[name].cpu().numpy() for p in parts]) for name in parts[0]}
     m0 = np.concatenate(m0s)
-    return {name: np.concatenate([p[name].cpu().numpy() for p in parts]) / m0 for name in parts[0]}
+    sources = [name for name in graph.inputs if name in measured]
+    if not first.is_floating_point() and sources:
+        # Token ids are not a signal: the embeddings start it, and the prediction starts every
+        # source at M = 1. So M_0 is each network's mean source length (a GPT-2 table of std
+        # 0.02 is then 1, not 4e-4, and token + position sum to 2, as predicted).
+        m0 = np.mean([measured[name] for name in sources], axis=0)
+    return {name: values / m0 for name, values in measured.items()}
 
 
 def resample_fan_in(graph: LayerGraph, names: dict[str, str]) -> dict[str, int]:

@@ -196,9 +196,8 @@ def onnx_program(
     ``notes`` receives one line per adaptation (opset down-conversion, untied copies,
     ambiguous matches). ``value_nodes``, when given, is filled with ``{ONNX value name -> name
     of the node of program.graph_module.graph that computes it}``, for every node output the
-    program computes: the taps for ONNX layers (a layer of initaudit's ONNX frontend is named
-    after its ONNX node; its value is that node's first output, the last node's for fused
-    layers).
+    program computes: the taps for ONNX layers (the value a layer of initaudit's ONNX frontend
+    stands for is its ``attrs["onnx_value"]``).
 
     Raises :class:`LoadError` for a file that cannot be read safely, :class:`UsageError` for a
     shape that does not fit, :class:`ConversionError` naming the op for anything onnx2torch
@@ -208,6 +207,8 @@ def onnx_program(
     proto, source = _read(model)
     inputs = _example_inputs(proto, source, input_shape)
     probe = _example_inputs(proto, source, input_shape, seed=1)
+    _decompose_gelu(proto)
+    _reshape_edge_flattens(proto)
     _fold_constant_nodes(proto)
     computed = _fold_constants(proto, notes)
     o2t = _import_onnx2torch()
@@ -330,6 +331,78 @@ def _example_inputs(
                 f"input {name!r} has element type {TensorProto.DataType.Name(elem)}, which torch cannot feed"
             ) from None
     return tuple(example)
+
+
+def _decompose_gelu(proto: onnx.ModelProto) -> None:
+    """Gelu (opset 20, what torch.onnx.export writes for nn.GELU) as the opset-17 exporters'
+    nodes: onnx2torch has no converter for it, nor onnx.version_converter a way down. The last
+    node keeps the Gelu's output name, so the layer's tap stays on the same value."""
+    graph = proto.graph
+    if not any(n.op_type == "Gelu" and n.domain in _DEFAULT_DOMAINS for n in graph.node):
+        return
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in (*graph.input, *graph.value_info)}
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if node.op_type != "Gelu" or node.domain not in _DEFAULT_DOMAINS:
+            nodes.append(node)
+            continue
+        x, y = node.input[0], node.output[0]
+        base = node.name or y
+        approximate = next((a.s for a in node.attribute if a.name == "approximate"), b"none")
+        dtype = types.get(x) or TensorProto.FLOAT  # the constants' type must be x's
+        steps: list[tuple[str, list[str | float]]] = (
+            [("Div", [x, math.sqrt(2.0)]), ("Erf", [0])]
+            if approximate != b"tanh"
+            else [
+                ("Pow", [x, 3.0]),
+                ("Mul", [0, 0.044715]),
+                ("Add", [x, 0]),
+                ("Mul", [0, math.sqrt(2.0 / math.pi)]),
+                ("Tanh", [0]),
+            ]
+        )
+        steps += [("Add", [0, 1.0]), ("Mul", [x, 0]), ("Mul", [0, 0.5])]
+        previous = ""
+        for k, (op, args) in enumerate(steps):
+            inputs = []
+            for j, arg in enumerate(args):
+                if isinstance(arg, float):
+                    const = f"{base}/gelu_{k}_c{j}"
+                    value = helper.make_tensor(const, dtype, [], [arg])
+                    nodes.append(helper.make_node("Constant", [], [const], name=const, value=value))
+                    inputs.append(const)
+                else:
+                    inputs.append(previous if arg == 0 else arg)
+            out = y if k == len(steps) - 1 else f"{base}/gelu_{k}"
+            nodes.append(helper.make_node(op, inputs, [out], name=f"{base}/gelu_{k}"))
+            previous = out
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _reshape_edge_flattens(proto: onnx.ModelProto) -> None:
+    """Flatten at axis 0 or at axis = rank (shapes (1, n) and (n, 1), both valid ONNX) as a
+    Reshape: onnx2torch's module flattens past the last dimension there and fails. BERT's
+    export of an attention mask has one."""
+    graph = proto.graph
+    if not any(n.op_type == "Flatten" and n.domain in _DEFAULT_DOMAINS for n in graph.node):
+        return
+    static = _static_shapes(proto)
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        dims = static.get(node.input[0]) if node.op_type == "Flatten" and node.input else None
+        axis = next((int(a.i) for a in node.attribute if a.name == "axis"), 1)
+        if dims is not None and axis < 0:
+            axis += len(dims)
+        if dims is None or node.domain not in _DEFAULT_DOMAINS or axis not in (0, len(dims)):
+            nodes.append(node)
+            continue
+        target = f"{node.output[0]}/shape"
+        value = numpy_helper.from_array(np.array([1, -1] if axis == 0 else [-1, 1], dtype=np.int64), target)
+        nodes.append(helper.make_node("Constant", [], [target], name=target, value=value))
+        nodes.append(helper.make_node("Reshape", [node.input[0], target], list(node.output), name=node.name))
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def _fold_constant_nodes(proto: onnx.ModelProto) -> None:

@@ -3,7 +3,8 @@
 Conventions for a binary model file (DESIGN.md): the artifact URI is relative to the
 repository root (``%SRCROOT%``), there is no text region, the tensor or node a finding
 concerns is a logical location, and every result carries ``partialFingerprints`` (the
-finding's stable fingerprint: rule, path, tensor) so code scanning tracks it across runs.
+finding's stable fingerprint: rule, path, tensor, or for a finding without a tensor its message
+with the numbers blanked) so code scanning tracks it across runs and keeps two notes apart.
 A model that could not be audited is a tool-execution notification of a failed invocation.
 """
 
@@ -32,7 +33,9 @@ SARIF_VERSION = "2.1.0"
 #: The OASIS schema's id (errata 01), which GitHub and the SARIF validators recognize.
 SARIF_SCHEMA = "https://docs.oasis-open.org/sarif/sarif/v2.1.0/errata01/os/schemas/sarif-schema-2.1.0.json"
 INFORMATION_URI = "https://pypi.org/project/initaudit/"
-#: The key of the fingerprint in ``partialFingerprints``: bump the version if it ever changes.
+#: The key of the fingerprint in ``partialFingerprints``: bump the version if located findings'
+#: fingerprints ever change. (Findings without a location later gained their message: their alerts
+#: reopen once under the new value, and keeping the key spares every located alert that churn.)
 FINGERPRINT_KEY = "initaudit/v1"
 SRCROOT = "%SRCROOT%"
 LEVEL = {Severity.ERROR: "error", Severity.WARNING: "warning", Severity.INFO: "note"}
