@@ -463,6 +463,12 @@ def check(
         raise typer.Exit(EXIT_ERROR if run.errors else EXIT_OK)
     if run.suppressed and not quiet:
         _stderr().print(f"initaudit: {run.suppressed} finding(s) accepted by the baseline", markup=False)
+    if run.stale:
+        _stderr().print(
+            f"initaudit: {run.stale} baseline entr{'y' if run.stale == 1 else 'ies'} no longer match a "
+            "finding (fixed, or the tensor was renamed); --write-baseline rewrites the file without them",
+            markup=False,
+        )
     # A run where no model could be read writes nothing (bad input: exit 2, nothing written);
     # otherwise the reports carry each unreadable model as an error entry.
     if run.results:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from initaudit.audit import AuditResult, audit_file, display_path
+from initaudit.baseline import Baseline
 from initaudit.errors import InitauditError, UsageError
 from initaudit.policy import CliPolicy, Policy, PolicyResolver, apply
 from initaudit.report.model_error import ModelError
@@ -35,6 +36,9 @@ class CheckRun:
     fail_on: dict[str, Severity] = field(default_factory=dict)
     #: Findings baselines accepted, over all models.
     suppressed: int = 0
+    #: Baseline entries for audited models that match no finding any more (like ruff's unused
+    #: noqa): fixed problems or renamed tensors, to drop with --write-baseline.
+    stale: int = 0
 
     @property
     def results(self) -> list[AuditResult]:
@@ -78,6 +82,7 @@ def run_check(
     # models): nothing to judge, exit 0. Paths that match nothing are discover()'s usage errors.
     files = resolver.discover(paths)
     run = CheckRun()
+    judged: dict[int, tuple[Baseline, list[AuditResult]]] = {}  # by id: baselines are not hashable
     for path in files:
         policy = resolver.policy_for(path)
         shown = display_path(path)
@@ -101,10 +106,12 @@ def run_check(
         result = apply(policy, result)
         baseline = resolver.baseline_for(policy) if use_baseline else None
         if baseline is not None:
+            judged.setdefault(id(baseline), (baseline, []))[1].append(result)
             result, accepted = baseline.filter(result)
             run.suppressed += accepted
         run.entries.append(result)
         run.fail_on[result.path] = policy.fail_on
+    run.stale = sum(len(baseline.stale(results)) for baseline, results in judged.values())
     return run
 
 

@@ -169,3 +169,14 @@ def test_repeated_findings_are_counted_in_the_console_and_listed_with_verbose(sa
     assert len(shown) == 20 and "more IA103" not in out
     main(["check", path, "-q"])  # one line per finding: quiet output is for grep and editors
     assert capsys.readouterr().out.count(": IA103 warning:") == 20
+
+
+def test_baseline_entries_that_match_nothing_any_more_are_reported(repo, capsys):
+    assert main(["check", "models", "--write-baseline", "baseline.json"]) == 0
+    assert main(["check", "models", "--baseline", "baseline.json", "-q"]) == 0
+    assert "no longer match" not in capsys.readouterr().err
+    # The bad model gets fixed: its accepted findings are gone, and the baseline says so.
+    shutil.copy(repo / "models" / "good.onnx", repo / "models" / "bad.onnx")
+    assert main(["check", "models", "--baseline", "baseline.json", "-q"]) == 0
+    accepted = len(json.loads((repo / "baseline.json").read_text())["entries"])
+    assert f"initaudit: {accepted} baseline entries no longer match a finding" in capsys.readouterr().err
