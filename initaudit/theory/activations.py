@@ -24,15 +24,24 @@ def _expect(f: Callable[[np.ndarray], np.ndarray], mean: float, sd: float) -> fl
     """E f(mean + sd Z) for Z ~ N(0, 1), by Gauss–Legendre panels split where the argument
     crosses 0: the activations with a kink (ReLU family, ELU, SELU) have it there, and a
     panel edge at the kink keeps the rule exponentially accurate."""
+    return _expect_powers(f, mean, sd, (1,))[0]
+
+
+def _expect_powers(
+    f: Callable[[np.ndarray], np.ndarray], mean: float, sd: float, powers: tuple[int, ...]
+) -> list[float]:
+    """[E f(mean + sd Z)^p for p in powers] on :func:`_expect`'s panels, f evaluated once."""
     kink = -mean / sd
     edges = [-_TAIL, kink, _TAIL] if -_TAIL < kink < _TAIL else [-_TAIL, _TAIL]
     nodes, weights = _LEGENDRE
-    total = 0.0
+    totals = [0.0] * len(powers)
     for a, b in itertools.pairwise(edges):
         z = 0.5 * (b - a) * nodes + 0.5 * (b + a)
         density = np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
-        total += 0.5 * (b - a) * float(np.sum(weights * density * f(mean + sd * z)))
-    return total
+        values = f(mean + sd * z)
+        for k, p in enumerate(powers):
+            totals[k] += 0.5 * (b - a) * float(np.sum(weights * density * (values if p == 1 else values**p)))
+    return totals
 
 
 def _erf(x: np.ndarray) -> np.ndarray:
@@ -57,7 +66,7 @@ class Activation:
         return _gauss_moments(self, float(variance), float(mean))
 
     def second_moment(self, variance: float, mean: float = 0.0) -> float:
-        return self.moments(variance, mean)[1]
+        return _gauss_second(self, float(variance), float(mean))
 
     def excess(self, variance: float = 1.0) -> float:
         """c_phi = E[phi^4]/E[phi^2]^2 - 1: the per-unit relative variance of phi(z)^2."""
@@ -88,8 +97,15 @@ def _gauss_moments(act: Activation, variance: float, mean: float) -> tuple[float
     if act.homogeneous is not None and mean == 0.0:
         a1, a2, a4 = act.homogeneous
         return a1 * math.sqrt(2 * variance / math.pi), a2 * variance, a4 * 3 * variance**2
-    sd = math.sqrt(variance)
-    return tuple(_expect(lambda x, p=p: act.phi(x) ** p, mean, sd) for p in (1, 2, 4))  # type: ignore[return-value]
+    return tuple(_expect_powers(act.phi, mean, math.sqrt(variance), (1, 2, 4)))  # type: ignore[return-value]
+
+
+@lru_cache(maxsize=4096)
+def _gauss_second(act: Activation, variance: float, mean: float) -> float:
+    """E[phi(z)^2], z ~ N(mean, variance): :func:`_gauss_moments`'s middle entry, alone."""
+    if variance <= 0 or (act.homogeneous is not None and mean == 0.0):
+        return _gauss_moments(act, variance, mean)[1]
+    return _expect_powers(act.phi, mean, math.sqrt(variance), (2,))[0]
 
 
 def _leaky(alpha: float) -> Activation:

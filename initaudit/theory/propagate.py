@@ -9,6 +9,8 @@ which resets the length); FM2 on the log-variance of the length at the last tap.
 from __future__ import annotations
 
 import math
+from collections import ChainMap
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -103,11 +105,17 @@ class Propagator:
             self.env[layer.name] = self.run_layer(layer, self.env)
         return self.env
 
-    def run_layer(self, layer: Layer, env: dict[str, SignalState]) -> SignalState:
+    def run_layer(self, layer: Layer, env: Mapping[str, SignalState]) -> SignalState:
         inputs = [env[name] for name in layer.inputs if name in env]
         if layer.kind is Kind.INPUT or not inputs:
             return SignalState.input(layer.width or 1)
         return RULES[layer.kind](layer, inputs, self)
+
+    def _overlay(self, changed: dict[str, SignalState]) -> ChainMap[str, SignalState]:
+        """The states so far with ``changed`` laid over them; writes go to ``changed``. A branch
+        re-run (:meth:`branch_slope`, :meth:`branch_modes`) sees the whole graph's states without
+        copying them: a copy per re-run made the work per block grow with depth."""
+        return ChainMap(changed, self.env)
 
     # Context protocol for the rules.
     def residual_block(self, add: str) -> ResidualBlock | None:
@@ -118,9 +126,8 @@ class Propagator:
         if block.add not in self._slopes:
             branch_out = next(name for name in self.graph[block.add].inputs if name != block.skip)
             base = self.env[branch_out].m2
-            env = dict(self.env)
-            fork = env[block.fork]
-            env[block.fork] = fork.scaled(math.sqrt(2.0))
+            fork = self.env[block.fork]
+            env = self._overlay({block.fork: fork.scaled(math.sqrt(2.0))})
             for name in block.branch:
                 env[name] = self.run_layer(self.graph[name], env)
             doubled = env[branch_out].m2
@@ -149,9 +156,9 @@ class Propagator:
             return 0.0, 0.0
 
         def log_length(r: float) -> float:
-            env = dict(self.env)
             mu = r * math.sqrt(fork.m2)
-            env[block.fork] = replace(fork, mu=mu, law=Law(mean=mu, variance=fork.m2 - mu * mu))
+            shifted = replace(fork, mu=mu, law=Law(mean=mu, variance=fork.m2 - mu * mu))
+            env = self._overlay({block.fork: shifted})
             with np.errstate(over="ignore", invalid="ignore"):  # an overflowing stream: a1 is NaN, unused
                 for name in block.branch:
                     env[name] = self.run_layer(self.graph[name], env)
@@ -381,16 +388,17 @@ def expected_var_hat(means: list[float], seconds: list[float]) -> float:
 
     For j < k, E[M_j M_k] = E[M_j^2] E[M_k]/E[M_j]: the later length is the earlier one
     times independent factors (exact for a bias-free chain; THEORY's (2j - L - 1) form
-    for He).
+    for He). The pairs sum in O(L) as sum_j E[M_j^2]/E[M_j] times the sum of E[M_k] after j.
     """
     count = len(means)
     if count == 0:
         return 0.0
-    total = sum(seconds) / count
-    pairs = sum(seconds)
-    for j in range(count):
-        if means[j] <= 0:
-            continue
-        for k in range(j + 1, count):
-            pairs += 2 * seconds[j] * means[k] / means[j]
-    return total - pairs / count**2
+    m = np.asarray(means, dtype=float)
+    second = np.asarray(seconds, dtype=float)
+    with np.errstate(all="ignore"):  # an overflowing length: inf or NaN, as the terms give
+        after = np.zeros(count)
+        after[:-1] = np.cumsum(m[::-1])[::-1][1:]  # sum_{k > j} E[M_k]
+        live = ~(m <= 0)  # a NaN length stays in, as a NaN
+        total = float(np.sum(second))
+        pairs = total + 2 * float(np.sum(second[live] / m[live] * after[live]))
+        return total / count - pairs / count**2

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import lru_cache
 
 from initaudit.theory.special import Cumulants, log_chi2_mean, median_from_cumulants
+
+#: The chi^2 noise of a fresh linear output depends on the width alone: read on every layer.
+_chi2_noise = lru_cache(maxsize=1024)(log_chi2_mean)
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,7 @@ class SignalState:
         """Cumulants of ln M: the scale's, plus the chi^2 noise of a fresh linear output."""
         if not self.fresh:
             return self.log
-        noise = log_chi2_mean(self.width)
+        noise = _chi2_noise(self.width)
         return tuple(a + b for a, b in zip(self.log, noise, strict=True))  # type: ignore[return-value]
 
     @property
