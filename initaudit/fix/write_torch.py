@@ -53,15 +53,7 @@ class TorchWriter:
             state = {k: v.detach() for k, v in program.state_dict.items()}
             return state, state
         obj = torch_load._torch_load(self.path, self.fmt, self.options, [])
-        held = next(
-            (
-                k
-                for k in torch_load.STATE_DICT_KEYS
-                if isinstance(obj, Mapping) and isinstance(obj.get(k), torch.nn.Module)
-            ),
-            None,
-        )
-        module = obj[held] if held is not None else obj
+        module = _held_module(obj)
         if isinstance(module, torch.nn.Module):
             self.module_kind = "pickled module"
             state = dict(module.state_dict())
@@ -189,14 +181,19 @@ class TorchWriter:
                     program.state_dict[key].copy_(value)
             return graph_from_exported(program, source=str(target), fmt="torch.export", notes=notes)
         obj = torch_load._torch_load(self.path, self.fmt, self.options, [])
-        held = next(
-            (
-                k
-                for k in torch_load.STATE_DICT_KEYS
-                if isinstance(obj, Mapping) and isinstance(obj.get(k), torch.nn.Module)
-            ),
-            None,
-        )
-        module = obj[held] if held is not None else obj
+        module = _held_module(obj)
         module.load_state_dict(fixed)
         return torch_load._module_graph(module, target, self.options, notes, fmt="pytorch module")
+
+
+def _held_module(obj: Any) -> Any:
+    """The module a trusted pickle holds: itself, or under a checkpoint key (``model``, ...)."""
+    import torch
+
+    from initaudit.frontends import torch_load
+
+    if isinstance(obj, Mapping):
+        for key in torch_load.STATE_DICT_KEYS:
+            if isinstance(obj.get(key), torch.nn.Module):
+                return obj[key]
+    return obj

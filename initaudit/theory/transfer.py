@@ -411,11 +411,12 @@ def _log_noncentral(n: int, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
     chi'^2_n(lambda) is a Poisson(lambda/2) mixture of chi^2_{n+2J}, and
     ln chi^2_k has cumulants ln 2 + psi(k/2), psi'(k/2), psi''(k/2).
 
-    The same sums as :func:`_log_noncentral_reference`, term for term, with the polygammas
-    and ln J read off precomputed grids (:func:`_polygamma_grid`) instead of evaluated per
-    window, and dev^3 taken as a product: numpy's ``pow`` is 20 times slower on negative
-    numbers, and the product differs from it by float rounding. One window at a time keeps
-    the arrays in cache; a padded all-nodes array of the windows is memory-bound and slower.
+    The same sums, term for term, as the first implementation (tests/test_theory_speed.py keeps
+    it as the reference), with the polygammas and ln J read off precomputed grids
+    (:func:`_polygamma_grid`) instead of evaluated per window, and dev^3 taken as a product:
+    numpy's ``pow`` is 20 times slower on negative numbers, and the product differs from it by
+    float rounding. One window at a time keeps the arrays in cache; a padded all-nodes array
+    of the windows is memory-bound and slower.
     """
     means, variances, thirds = np.zeros_like(t), np.zeros_like(t), np.zeros_like(t)
     psi0_grid, psi1_grid, psi2_grid = _polygamma_grid(n)
@@ -446,34 +447,6 @@ def _log_noncentral(n: int, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
         means[i] = math.log(value / n) + log2 + mean
         variances[i] = float(pmf @ psi1 + pmf @ square)
         thirds[i] = float(pmf @ psi2 + 3 * pmf @ (dev * psi1) + pmf @ (square * dev))
-    return means, variances, thirds
-
-
-def _log_noncentral_reference(n: int, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`_log_noncentral` one node at a time, as first written: the tests' reference."""
-    means, variances, thirds = np.zeros_like(t), np.zeros_like(t), np.zeros_like(t)
-    for i, value in enumerate(t):
-        if value <= 0:
-            continue
-        half = n / (2 * value)
-        if half > _POISSON_MAX:  # D = ln(1 + T) + ln(1 + eps), eps of variance ve
-            ve = 2 * value * (2 + value) / (n * (1 + value) ** 2)
-            means[i], variances[i] = math.log1p(value) - ve / 2, ve
-            continue
-        spread = 12 * math.sqrt(half) + 12
-        first = max(0, math.floor(half - spread))
-        j = np.arange(first, math.ceil(half + spread) + 1, dtype=float)
-        # ln J! by a running sum from the first term: one lgamma per T
-        log_factorial = math.lgamma(first + 1) + np.concatenate(([0.0], np.cumsum(np.log(j[1:]))))
-        log_pmf = j * math.log(max(half, 1e-300)) - log_factorial
-        pmf = np.exp(log_pmf - log_pmf.max())
-        pmf /= pmf.sum()
-        psi0, psi1, psi2 = _polygamma(n / 2 + j)
-        mean = float(pmf @ psi0)
-        dev = psi0 - mean
-        means[i] = math.log(value / n) + math.log(2) + mean
-        variances[i] = float(pmf @ psi1 + pmf @ dev**2)
-        thirds[i] = float(pmf @ psi2 + 3 * pmf @ (dev * psi1) + pmf @ dev**3)
     return means, variances, thirds
 
 
