@@ -223,3 +223,20 @@ def test_residual_blocks_cost_is_linear_in_depth(monkeypatch):
         assert len(find_residual_blocks(residual_mlp(8, blocks))) == blocks
         per_block.append(visits / blocks)
     assert per_block[1] <= per_block[0] + 1e-9
+
+
+def test_folded_batchnorm_caps_length_errors_at_warning():
+    """A graph whose BatchNorm looks folded (IA902) is the inference graph: the same unscaled
+    residual stream that is an IA301 error elsewhere is a warning there, saying why, and the
+    verdict and the default gate follow."""
+    graph = residual_mlp(64, 50, eta=1.0)
+    plain = audit_graph(graph)
+    (error,) = [f for f in plain.findings if f.code == "IA301"]
+    assert error.severity is Severity.ERROR and plain.fails(Severity.ERROR)
+    graph.meta["bn_folded"] = True
+    folded = audit_graph(graph)
+    (capped,) = [f for f in folded.findings if f.code == "IA301"]
+    assert capped.severity is Severity.WARNING and "IA902" in capped.message
+    assert capped.evidence == {**error.evidence, "capped_by": "IA902"}
+    assert "IA902" in codes(folded) and folded.verdict("fm1") == "warning"
+    assert not folded.fails(Severity.ERROR) and folded.fails(Severity.WARNING)
