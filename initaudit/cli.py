@@ -294,7 +294,8 @@ DebugOption = Annotated[bool, typer.Option(help="Show tracebacks for errors.")]
 ModelPaths = Annotated[
     list[Path],
     typer.Argument(
-        help="Model files: .onnx, .pt/.pth (state dict or trusted module), .pt2, TorchScript, .safetensors.",
+        help="Model files: .onnx, .pt/.pth (state dict or trusted module), .pt2, TorchScript, .safetensors, "
+        "sharded-checkpoint index.json.",
         show_default=False,
         metavar="MODEL...",
     ),
@@ -310,7 +311,8 @@ def check(
     paths: Annotated[
         list[Path],
         typer.Argument(
-            help="Model files, directories (searched for .onnx .pt .pth .pt2 .safetensors ...) or globs.",
+            help="Model files, directories (searched for .onnx .pt .pth .pt2 .safetensors *.index.json) "
+            "or globs.",
             show_default=False,
             metavar="PATH...",
         ),

@@ -6,6 +6,10 @@
 - A directory is walked recursively for :data:`MODEL_SUFFIXES`, skipping excluded directories.
   ``.bin`` and ``.ckpt`` are not walked: the names are too generic (any binary blob, any trainer's
   checkpoint); name such files explicitly or glob for them.
+- A sharded checkpoint's index (``*.safetensors.index.json``, ``*.bin.index.json``) is walked too,
+  and audits its shards as one model: a shard that an index found in the same run lists, in the
+  same directory, is not audited again on its own. A shard named without its index is audited
+  alone (weights only).
 - A glob (``models/**/*.onnx``) is expanded here too, so a quoted pattern works where no shell
   expands it (a GitHub Action input, Windows). Its matches are treated like walked files.
 - Paths git ignores are skipped while walking (ruff's ``respect-gitignore``, on by default): a
@@ -42,8 +46,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 from initaudit.errors import UsageError
+from initaudit.frontends.shards import INDEX_SUFFIXES, is_index_name, listed_shards
 
-#: Suffixes a directory walk picks up; the pre-commit hook's ``files:`` regex lists the same.
+#: Suffixes a directory walk picks up (with the index names of :data:`INDEX_SUFFIXES`); the
+#: pre-commit hook's ``files:`` regex lists the same.
 MODEL_SUFFIXES = (".onnx", ".pt", ".pth", ".pt2", ".safetensors")
 
 #: ruff's default excludes, less the Python-only ones, plus the caches ML repositories grow.
@@ -246,12 +252,27 @@ def discover(
     if not found:
         if empty or not named_excluded:
             what = "; ".join(empty) or "no paths given"
-            raise UsageError(f"{what} (looked for {', '.join('*' + s for s in MODEL_SUFFIXES)})")
+            looked = ", ".join("*" + s for s in (*MODEL_SUFFIXES, *INDEX_SUFFIXES))
+            raise UsageError(f"{what} (looked for {looked})")
         return []
     for message in empty:
         if warn is not None:
             warn(message)
-    return sorted(found.values(), key=lambda p: p.as_posix())
+    return sorted(_without_indexed_shards(found.values()), key=lambda p: p.as_posix())
+
+
+def _without_indexed_shards(paths: Iterable[Path]) -> list[Path]:
+    """``paths`` less the shards that an index among them lists in its own directory: auditing
+    the index audits them, as one model."""
+    paths = list(paths)
+    covered: set[Path] = set()
+    for index in paths:
+        if is_index_name(index.name):
+            directory = _absolute(index).parent
+            covered.update(directory / name for name in listed_shards(index))
+    if not covered:
+        return paths
+    return [path for path in paths if _absolute(path) not in covered]
 
 
 def _walk(
@@ -283,7 +304,7 @@ def _walk(
         dirnames[:] = kept
         for name in sorted(filenames):
             if (
-                Path(name).suffix.lower() in MODEL_SUFFIXES
+                (Path(name).suffix.lower() in MODEL_SUFFIXES or is_index_name(name))
                 and not any(_matches(p, split.child(name)) for p in patterns)
                 and not (scope is not None and scope.child(name).ignored)
             ):
@@ -325,7 +346,7 @@ def _expand(
             continue
         if path.is_dir():
             yield from _walk(path, patterns, root, below=base, git=git, scope=scope)
-        elif path.is_file() and path.suffix.lower() in suffixes:
+        elif path.is_file() and (path.suffix.lower() in suffixes or is_index_name(path.name)):
             yield path
 
 

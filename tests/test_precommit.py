@@ -60,14 +60,15 @@ def _snapshot(destination: Path) -> Path:
 
 def test_the_hook_definition_matches_what_discovery_walks():
     (hook,) = yaml.safe_load((ROOT / ".pre-commit-hooks.yaml").read_text())
-    from initaudit.discover import MODEL_SUFFIXES
+    from initaudit.discover import INDEX_SUFFIXES, MODEL_SUFFIXES
 
     assert hook["id"] == "initaudit" and hook["language"] == "python" and hook["pass_filenames"] is True
     assert hook["entry"].split() == ["initaudit", "check", "--force-exclude"]
     files = re.compile(hook["files"])
-    for suffix in MODEL_SUFFIXES:
+    for suffix in (*MODEL_SUFFIXES, *INDEX_SUFFIXES):
         assert files.search(f"models/net{suffix}"), suffix
-    for other in ("model.onnx.txt", "notes.md", "weights.bin", "train.py"):
+    others = ("model.onnx.txt", "notes.md", "weights.bin", "train.py", "config.json", "tokenizer.index.json")
+    for other in others:
         assert not files.search(other), other
 
 

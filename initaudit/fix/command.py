@@ -141,6 +141,11 @@ def fix_one(
     selection: Selection | None = None,
 ) -> FixReport:
     options = options or LoadOptions()
+    if path.is_file() and sniff(path) == "shard-index":
+        raise UsageError(
+            f"{display_path(path)}: fix does not write sharded checkpoints yet (the index spreads one "
+            "model over several files); run fix on a single-file checkpoint, or on each shard alone"
+        )
     before = audit_file(path, selection=selection, options=options)  # a bad file fails here, exit 2
     writer = make_writer(path, options)
     target = _target(path, output, in_place, writer)

@@ -45,6 +45,7 @@ def sniff(path: str | Path) -> str:
     """Name the format of ``path`` from its leading bytes.
 
     One of "onnx", "torch-zip", "torchscript", "pt2", "pickle", "safetensors",
+    "shard-index" (JSON text: a sharded checkpoint's index, if it is anything we read),
     "git-lfs-pointer" or "unknown" (also for an empty file). Raises :class:`LoadError` when
     the path cannot be opened.
     """
@@ -63,6 +64,8 @@ def sniff(path: str | Path) -> str:
         return _sniff_zip(p)
     if _looks_like_safetensors(head, size):
         return "safetensors"
+    if head.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"{"):
+        return "shard-index"
     # Protocol 2+ pickles, including legacy (pre-zip) torch.save files.
     if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:
         return "pickle"
@@ -202,6 +205,10 @@ def load_graph(
         return load_torch(p, fmt, options)
     if fmt == "safetensors":
         return _load_safetensors(p, options)
+    if fmt == "shard-index":
+        from initaudit.frontends.shards import load_sharded
+
+        return load_sharded(p, options)
     raise LoadError(path, _unknown_problem(p))
 
 
