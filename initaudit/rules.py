@@ -359,7 +359,7 @@ def _bias_dominated(graph: LayerGraph, pred: Prediction, th: Thresholds) -> list
         state = pred.states.get(layer.name)
         if state is None or state.m2 <= 0:
             continue
-        share = layer.bias.second_moment / state.m2
+        share = layer.bias.second_moment / (state.m2 * pred.unit)  # the bias is absolute, the state in M_0's
         if share > th.bias_share:
             rows.append((layer, share))
     return rows
@@ -718,13 +718,23 @@ def _residual(graph: LayerGraph, pred: Prediction, th: Thresholds) -> Iterator[F
     if not growing:  # pre-norm: linear growth, not exponential
         severity = Severity.WARNING
     mean_eta = math.sqrt(sum(b.eta**2 for b in blocks) / count)
+    message = (
+        f"residual stream grows to E[M]/M_0 = {_fmt(s.worst_ratio)} over {count} blocks: "
+        f"sum eta^2 = {_fmt(s.sum_eta2)} (eta ~ {_fmt(mean_eta)}, branch gain g ~ {_fmt(gain)})"
+    )
+    if not growing:  # a normalized branch adds a fixed amount, whatever the stream's length
+        joins = [(b.add, b.skip) for b in graph.residual_blocks() if b.add in pred.states]
+        added = [pred.states[add].m2 - pred.states[skip].m2 for add, skip in joins if skip in pred.states]
+        per_block = sum(added) / len(added) if added else math.nan
+        message = (
+            f"pre-norm residual stream grows additively to E[M]/M_0 = {_fmt(s.worst_ratio)} over "
+            f"{count} blocks: each normalized branch adds ~{_fmt(per_block)} M_0 (linear in depth, "
+            "not exponential)"
+        )
     yield Finding(
         code="IA301",
         severity=severity,
-        message=(
-            f"residual stream grows to E[M]/M_0 = {_fmt(s.worst_ratio)} over {count} blocks: "
-            f"sum eta^2 = {_fmt(s.sum_eta2)} (eta ~ {_fmt(mean_eta)}, branch gain g ~ {_fmt(gain)})"
-        ),
+        message=message,
         location=s.worst_layer,
         fix=f"scale each of the {count} residual branches by {_fmt(target / max(mean_eta, 1e-12))} "
         f"(eta = 1/sqrt(L g) = {_fmt(target)})",

@@ -426,4 +426,9 @@ def test_tiny_transformers_exports_read_their_embeddings(name: str, tmp_path: Pa
     sums = len(tables) - 1  # the Adds of the lookups: one for GPT-2, two for BERT
     onnx_taps, torch_taps = _tap_rows(onnx_result), _tap_rows(torch_result)
     _assert_close("embedding taps", onnx_taps[:sums], torch_taps[:sums])
-    assert [row["mean"] for row in onnx_taps[:sums]] == pytest.approx([2.0, 3.0][:sums])  # unit sources add
+    # Each source starts at its table's mean square over their mean (Monte Carlo's M_0): the
+    # sums add them in order (BERT: word + token type, then + position), all of them making 3.
+    q = [onnx_result.graph[name].attrs["table"].second_moment for name in onnx_result.graph.inputs]
+    partial = [sum(q[: k + 2]) / (sum(q) / len(q)) for k in range(sums)]
+    assert [row["mean"] for row in onnx_taps[:sums]] == pytest.approx(partial)
+    assert partial[-1] == pytest.approx(len(q))

@@ -510,7 +510,12 @@ def _embedding(b: _Builder, c: _Call) -> Layer:
     w = c.param("weight")
     width = w.shape[-1] if w is not None else feature_width(c.shape, None, rank3="last")
     return Layer(
-        c.name, Kind.INPUT, c.label, width=width, shape=c.shape, attrs={"embedding": w.key if w else None}
+        c.name,
+        Kind.INPUT,
+        c.label,
+        width=width,
+        shape=c.shape,
+        attrs={"embedding": w.key if w else None, "table": b.stats(w)},
     )
 
 

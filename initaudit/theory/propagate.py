@@ -88,6 +88,9 @@ class Prediction:
     states: dict[str, SignalState]
     #: Monte Carlo estimates beside the prediction (``montecarlo.measure.Measurement``), if run.
     measured: Any = None
+    #: The absolute mean square that ``states`` call 1: the mean of the embedding tables' mean
+    #: squares where embeddings start every signal (see :func:`embedding_sources`), else 1.
+    unit: float = 1.0
 
 
 class Propagator:
@@ -99,6 +102,7 @@ class Propagator:
         self.env: dict[str, SignalState] = {}
         self._slopes: dict[str, tuple[float, float]] = {}
         self._modes: dict[str, tuple[float, float]] = {}
+        self.sources = embedding_sources(graph)
 
     def run(self) -> dict[str, SignalState]:
         for layer in self.graph:
@@ -108,7 +112,9 @@ class Propagator:
     def run_layer(self, layer: Layer, env: Mapping[str, SignalState]) -> SignalState:
         inputs = [env[name] for name in layer.inputs if name in env]
         if layer.kind is Kind.INPUT or not inputs:
-            return SignalState.input(layer.width or 1)
+            # Absolute scale: norms, biases and activations act on absolute values, so a pre-norm
+            # stream grows by a fixed amount per block, large next to a small table's lookups.
+            return SignalState.input(layer.width or 1, self.sources.get(layer.name, 1.0))
         return RULES[layer.kind](layer, inputs, self)
 
     def _overlay(self, changed: dict[str, SignalState]) -> ChainMap[str, SignalState]:
@@ -198,6 +204,27 @@ def _hermite_ratio(act: Any, state: SignalState) -> float:
     return third / first if abs(first) > 1e-12 * sd * sd else 0.0
 
 
+def embedding_sources(graph: LayerGraph) -> dict[str, float]:
+    """{INPUT layer -> its table's mean square} for the embedding lookups with a known table."""
+    sources = {}
+    for layer in graph:
+        table = layer.attrs.get("table") if layer.kind is Kind.INPUT else None
+        q = getattr(table, "second_moment", None)
+        if layer.attrs.get("embedding") is not None and q is not None and math.isfinite(q) and q > 0:
+            sources[layer.name] = float(q)
+    return sources
+
+
+def length_unit(graph: LayerGraph, sources: Mapping[str, float]) -> float:
+    """The absolute mean square that reports call M_0 = 1: Monte Carlo's convention. Where
+    embeddings start every signal, M_0 is their mean length (token + position then sum to 2,
+    whatever the tables' scale); a float input is normalized to 1, and is the unit if present."""
+    inputs = [layer.name for layer in graph if layer.kind is Kind.INPUT]
+    if not sources or any(name not in sources for name in inputs):
+        return 1.0
+    return math.fsum(sources.values()) / len(sources)
+
+
 def empty_summary() -> Summary:
     """The summary of a graph with nothing to propagate: every ratio NaN ("not computed")."""
     nan = math.nan
@@ -234,6 +261,10 @@ def predict(graph: LayerGraph) -> Prediction:
         return empty_prediction()
     propagator = Propagator(graph)
     states = propagator.run()
+    unit = length_unit(graph, propagator.sources)
+    if unit != 1.0:  # propagated in absolute units, reported in M_0's (ratios are unchanged)
+        factor = 1.0 / math.sqrt(unit)
+        states = {name: state.scaled(factor) for name, state in states.items()}
     in_branch = {name for block in propagator.blocks.values() for name in block.branch}
     taps, segments, references = _taps(graph, states, in_branch)
     if not taps:
@@ -241,7 +272,7 @@ def predict(graph: LayerGraph) -> Prediction:
     layers = [_layer_prediction(layer, states[layer.name], taps, segments, references) for layer in graph]
     blocks = [_block_prediction(block, states, propagator) for block in propagator.blocks.values()]
     summary = _summary(graph, states, layers, blocks, taps, in_branch)
-    return Prediction(layers=layers, blocks=blocks, summary=summary, states=states)
+    return Prediction(layers=layers, blocks=blocks, summary=summary, states=states, unit=unit)
 
 
 def _taps(

@@ -74,11 +74,17 @@ class SignalState:
     modes: Modes | None = None
 
     @classmethod
-    def input(cls, width: int) -> SignalState:
-        """A fixed input with M_0 = 1 and Gaussian-like entries: E[M_0^2] = 1 exactly."""
+    def input(cls, width: int, mean_square: float = 1.0) -> SignalState:
+        """A fixed input with Gaussian-like entries and M_0 = ``mean_square`` exactly (1 by default:
+        a float input, normalized). An embedding lookup starts at its table's mean square: every
+        field follows from :meth:`scaled` (m4, c22 by its square, ln M by its log; the coordinate
+        modes are in units of the RMS, so they stay zero)."""
         n = max(width, 1)
         c22 = (n - 3) / (n - 1) if n > 1 else 1.0
-        return cls(width=n, mu=0.0, m2=1.0, m4=3.0 if n > 1 else 1.0, c22=c22, law=Law(), modes=Modes())
+        state = cls(width=n, mu=0.0, m2=1.0, m4=3.0 if n > 1 else 1.0, c22=c22, law=Law(), modes=Modes())
+        if mean_square == 1.0 or not (math.isfinite(mean_square) and mean_square > 0):
+            return state
+        return state.scaled(math.sqrt(mean_square))
 
     @property
     def stream_modes(self) -> Modes:
