@@ -24,6 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 from initaudit.audit import AuditResult, audit_file, audit_graph
 from initaudit.frontends.onnx_model import load_onnx
 from initaudit.graph import Kind, LayerGraph
+from initaudit.rules import Severity
 
 RNG = np.random.default_rng(3)
 REL = 1e-6
@@ -413,9 +414,9 @@ def _hf(name: str) -> tuple[Any, list[str]]:
 
 @pytest.mark.parametrize("name", ["gpt2", "bert"])
 def test_tiny_transformers_exports_read_their_embeddings(name: str, tmp_path: Path) -> None:
-    """The lookups, their sums (the taps before the first block) and every linear layer match
-    the torch frontend's reading. Attention is decomposed differently by the two (ONNX MatMuls
-    and Softmax vs one scaled_dot_product_attention), so later taps are not compared."""
+    """The lookups, their sums (the taps before the first block), every linear layer and every
+    residual join match the torch frontend's reading: the exported MatMul(Softmax(q k^T), v)
+    passes its values through, as scaled_dot_product_attention does there."""
     module, tables = _hf(name)
     ids = _ids(100)
     onnx_result = audit_file(_export(module, ids, tmp_path / f"{name}.onnx"))
@@ -426,6 +427,14 @@ def test_tiny_transformers_exports_read_their_embeddings(name: str, tmp_path: Pa
     sums = len(tables) - 1  # the Adds of the lookups: one for GPT-2, two for BERT
     onnx_taps, torch_taps = _tap_rows(onnx_result), _tap_rows(torch_result)
     _assert_close("embedding taps", onnx_taps[:sums], torch_taps[:sums])
+    _assert_close("taps", onnx_taps, torch_taps)
+    assert len(onnx_taps) == sums + 2 * 2  # two residual joins per block
+    findings = [(f.code, f.severity) for f in onnx_result.findings]
+    assert sorted(findings) == sorted((f.code, f.severity) for f in torch_result.findings)
+    assert onnx_result.fails(Severity.WARNING) == torch_result.fails(Severity.WARNING)  # check's exit
+    assert onnx_result.fails(Severity.ERROR) == torch_result.fails(Severity.ERROR)
+    attention = [layer for layer in onnx_result.graph if layer.kind is Kind.UNMODELED]
+    assert len(attention) == 2 and all("values" in layer.attrs["reason"] for layer in attention)
     # Each source starts at its table's mean square over their mean (Monte Carlo's M_0): the
     # sums add them in order (BERT: word + token type, then + position), all of them making 3.
     q = [onnx_result.graph[name].attrs["table"].second_moment for name in onnx_result.graph.inputs]

@@ -328,7 +328,9 @@ def test_transformer_block_shape_ops_are_not_layers(tmp_path: Path) -> None:
     assert not {"shape", "gather", "unsqueeze", "concat"} & set(names)
     assert graph["split_heads"].inputs == ["q"] and graph["split_heads"].shape == (1, None, heads, d // heads)
     assert graph["merge_heads"].width == d and graph["x"].width == d and graph["fc1"].width == 4 * d
-    assert graph["scores"].kind is Kind.UNMODELED and graph["scores"].inputs == ["to_heads", "to_keys"]
+    # Attention is one layer passing its values (qt) through; the scores and Softmax fold into it.
+    assert graph["mix"].kind is Kind.UNMODELED and graph["mix"].inputs == ["to_heads"]
+    assert not {"scores", "softmax"} & set(names)
     assert graph["q"].bias is not None and graph["ln1"].attrs["norm"] == "layer"
     blocks = {block.add: block for block in graph.residual_blocks()}
     assert set(blocks) == {"res1", "res2"}

@@ -469,6 +469,7 @@ class _Group:
     kind: Kind
     attrs: dict[str, Any] = field(default_factory=dict)
     inputs: list[str] = field(default_factory=list)  # extra signal inputs, rarely any
+    at_last: bool = False  # emit at the group's last node: x may be computed after its first
 
 
 @dataclass
@@ -607,9 +608,9 @@ class _Builder:
                 except Exception:
                     group = None  # an idiom half-matched on odd inputs: map the nodes one by one
                 if group is not None and self.closed(group.nodes, group.out):
-                    first = min(group.nodes)
-                    self.groups[first] = group
-                    self.absorbed.update(j for j in group.nodes if j != first)
+                    at = max(group.nodes) if group.at_last else min(group.nodes)
+                    self.groups[at] = group
+                    self.absorbed.update(j for j in group.nodes if j != at)
         names = self.names = self._node_names()
         for name in self.real_inputs:
             if name not in self.signal:
@@ -1229,6 +1230,7 @@ _HANDLERS: dict[str, Handler] = {
             "Unsqueeze",
             "Cast",
             "CastLike",
+            "Split",  # as torch's split/chunk: each part keeps the entry law
         ),
         _reshape,
     ),
@@ -1416,8 +1418,73 @@ def _match_layer_norm(b: _Builder, i: int) -> _Group | None:
     return _Group(nodes, x, out, Kind.NORM, attrs)
 
 
+#: Between a Softmax and the MatMul that applies its weights (masking, dropout, casts, heads).
+_PROBS_OPS = (
+    "Cast", "CastLike", "Dropout", "Where", "Reshape", "Identity", "Squeeze", "Unsqueeze", "Transpose",
+)  # fmt: skip
+#: Between the scores MatMul and the Softmax: scaling, masks, casts, head reshapes.
+_SCORE_OPS = (*_PROBS_OPS, "Add", "Sub", "Mul", "Div", "Slice", "Expand", "Clip", "Tanh")
+_ATTENTION_REASON = "attention is not modeled; treated as a pass-through of its values"
+
+
+def _single_signal(b: _Builder, i: int) -> str | None:
+    """The one signal input of node ``i``, or None when it has none or several."""
+    signals = [t for t in b.nodes[i].input if b.is_signal(t)]
+    return signals[0] if len(signals) == 1 else None
+
+
+def _softmax_chain(b: _Builder, t: str) -> list[int] | None:
+    """Nodes from a Softmax down to ``t`` through :data:`_PROBS_OPS`, or None if ``t`` is not
+    attention weights."""
+    chain: list[int] = []
+    while (i := b.producing(t, "Softmax", *_PROBS_OPS)) is not None and len(chain) < 16:
+        chain.append(i)
+        if b.nodes[i].op_type == "Softmax":
+            return chain
+        nxt = _single_signal(b, i)
+        if nxt is None:
+            return None
+        t = nxt
+    return None
+
+
+def _match_attention(b: _Builder, i: int) -> _Group | None:
+    """``MatMul(softmax(scores), v)`` (or an Einsum) of two signals: one layer passing the
+    values through, as the torch frontend reads scaled_dot_product_attention. The scores'
+    nodes back to the ``q k^T`` MatMul join the layer, so the query-key path ends there."""
+    node = b.nodes[i]
+    if node.op_type not in ("MatMul", "Einsum") or node.domain not in _DEFAULT_DOMAINS:
+        return None
+    ins = list(node.input)
+    if len(ins) != 2 or not all(b.is_signal(t) for t in ins):
+        return None
+    for probs, values in ((ins[0], ins[1]), (ins[1], ins[0])):
+        chain = _softmax_chain(b, probs)
+        if chain is None:
+            continue
+        t = b.nodes[chain[-1]].input[0]  # the scores
+        for _ in range(32):
+            j = b.producing(t, "MatMul", "Einsum", *_SCORE_OPS)
+            if j is None or j in chain:
+                break
+            inner = b.nodes[j]
+            if inner.op_type in ("MatMul", "Einsum"):
+                if len(inner.input) == 2 and all(b.is_signal(s) for s in inner.input):
+                    chain.append(j)  # q k^T: the query-key path ends in this layer
+                break
+            nxt = _single_signal(b, j)
+            if nxt is None:
+                break
+            chain.append(j)
+            t = nxt
+        attrs = {"reason": _ATTENTION_REASON, "attention": True}
+        return _Group(sorted([*chain, i]), values, node.output[0], Kind.UNMODELED, attrs, at_last=True)
+    return None
+
+
 #: Run in order: the larger idioms first, so their Sigmoid/Mul parts are not taken by SiLU.
 _MATCHERS: list[Callable[[_Builder, int], _Group | None]] = [
+    _match_attention,
     _match_layer_norm,
     _match_gelu_erf,
     _match_gelu_tanh,
