@@ -144,11 +144,19 @@ def display_path(path: str | Path) -> str:
     """The path as reports and fingerprints show it: relative to the working directory when
     the file lies beneath it, POSIX separators, so the same file fingerprints the same
     however it was typed."""
+    return relative_path(path)[0]
+
+
+def relative_path(path: str | Path, root: Path | None = None) -> tuple[str, bool]:
+    """``path`` in POSIX form relative to ``root`` (default: the working directory), and
+    whether it lies beneath it; outside it, the absolute path. A relative ``path`` is taken
+    relative to the working directory, as :func:`display_path` writes it."""
     absolute = Path(path).absolute()
+    base = (root or Path.cwd()).absolute()
     try:
-        return absolute.relative_to(Path.cwd()).as_posix()
+        return absolute.relative_to(base).as_posix(), True
     except ValueError:
-        return absolute.as_posix()
+        return absolute.as_posix(), False
 
 
 def audit_file(

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from initaudit import __version__
 from initaudit.atomic import write_text
+from initaudit.discover import absolute_path
 from initaudit.errors import UsageError
 
 if TYPE_CHECKING:
@@ -105,12 +106,7 @@ class Baseline:
 def relative_path(model: str | Path, root: Path) -> str:
     """``model`` relative to ``root``, POSIX, with symlinked directories resolved on both sides
     (``..`` where the model lies outside the root)."""
-    return Path(os.path.relpath(_absolute(Path(model)), _absolute(root))).as_posix()
-
-
-def _absolute(path: Path) -> Path:
-    absolute = Path(os.path.abspath(path))
-    return absolute.parent.resolve() / absolute.name if absolute.name else absolute.resolve()
+    return Path(os.path.relpath(absolute_path(Path(model)), absolute_path(root))).as_posix()
 
 
 def entries_for(results: Sequence[AuditResult], root: Path) -> list[BaselineEntry]:

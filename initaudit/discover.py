@@ -168,7 +168,7 @@ class _Split(NamedTuple):
             return cls(relative, start, names, True)
         if relative is not None:
             return cls(relative, start, relative, True)
-        return cls(relative, start, (_absolute(path).name,), False)
+        return cls(relative, start, (absolute_path(path).name,), False)
 
     def child(self, name: str) -> _Split:
         """The split of an entry in this directory, without touching the file system."""
@@ -222,12 +222,12 @@ def discover(
         text = str(given)
         path = Path(given)
         if path.is_file():
-            if force_exclude and (_absolute(path) in git_named or is_excluded(path, patterns, root)):
+            if force_exclude and (absolute_path(path) in git_named or is_excluded(path, patterns, root)):
                 named_excluded += 1
             else:
                 add(path)
         elif path.is_dir():
-            if force_exclude and (_absolute(path) in git_named or is_excluded(path, patterns, root)):
+            if force_exclude and (absolute_path(path) in git_named or is_excluded(path, patterns, root)):
                 named_excluded += 1
                 continue
             scope = git.scope(path) if git is not None else None
@@ -268,11 +268,11 @@ def _without_indexed_shards(paths: Iterable[Path]) -> list[Path]:
     covered: set[Path] = set()
     for index in paths:
         if is_index_name(index.name):
-            directory = _absolute(index).parent
+            directory = absolute_path(index).parent
             covered.update(directory / name for name in listed_shards(index))
     if not covered:
         return paths
-    return [path for path in paths if _absolute(path) not in covered]
+    return [path for path in paths if absolute_path(path) not in covered]
 
 
 def _walk(
@@ -328,7 +328,7 @@ def _expand(
     if git is not None and base.is_dir():
         # The base's listing answers for its own work tree; a match in a nested repository is
         # asked of that repository (check-ignore, batched), as a walk would.
-        listing, tree = git.scope(base), git.work_tree(_absolute(base))
+        listing, tree = git.scope(base), git.work_tree(absolute_path(base))
         nested = {path for path in found if git.work_tree(_container(path)) != tree}
         hits = git.ignored_paths(sorted(nested)) if nested else set()
         for path in found:
@@ -337,7 +337,7 @@ def _expand(
                 if scope is not None and scope.ignored:
                     ignored.add(path)
                 scopes[path] = scope
-            elif _absolute(path) in hits:
+            elif absolute_path(path) in hits:
                 ignored.add(path)
             elif path.is_dir():
                 scopes[path] = git.scope(path)
@@ -352,7 +352,7 @@ def _expand(
 
 def _container(path: Path) -> Path:
     """The directory whose work tree decides about ``path``: a directory's own, a file's parent."""
-    absolute = _absolute(path)
+    absolute = absolute_path(path)
     return absolute if path.is_dir() else absolute.parent
 
 
@@ -445,11 +445,11 @@ class GitIgnore:
         return _Scope(frozenset(files), frozenset(dirs), "")
 
     def ignored_paths(self, paths: Sequence[Path]) -> set[Path]:
-        """Which of ``paths`` git ignores, as :func:`_absolute` gives them: one ``git check-ignore``
+        """Which of ``paths`` git ignores, as :func:`absolute_path` gives them: one ``git check-ignore``
         per work tree they lie in."""
         groups: dict[Path, list[Path]] = {}
         for path in paths:
-            absolute = _absolute(path)
+            absolute = absolute_path(path)
             tree = self.work_tree(absolute.parent)
             if tree is not None:
                 groups.setdefault(tree, []).append(absolute)
@@ -484,8 +484,8 @@ class GitIgnore:
 
 def _parts(path: Path, root: Path) -> tuple[str, ...] | None:
     """``path``'s components below ``root`` (empty for the root itself), or None outside it."""
-    absolute = _absolute(path)
-    for base in (root.absolute(), _absolute(root)):
+    absolute = absolute_path(path)
+    for base in (root.absolute(), absolute_path(root)):
         try:
             return absolute.relative_to(base).parts
         except ValueError:
@@ -493,7 +493,7 @@ def _parts(path: Path, root: Path) -> tuple[str, ...] | None:
     return None
 
 
-def _absolute(path: Path) -> Path:
+def absolute_path(path: Path) -> Path:
     """Absolute, with symlinked directories resolved but the file's own name kept."""
     absolute = Path(os.path.abspath(path))
     return absolute.parent.resolve() / absolute.name if absolute.name else absolute.resolve()

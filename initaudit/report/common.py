@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 from initaudit.audit import AuditResult
@@ -50,18 +49,6 @@ def audits(entries: Iterable[Entry]) -> list[AuditResult]:
 
 def errors(entries: Iterable[Entry]) -> list[ModelError]:
     return [e for e in entries if isinstance(e, ModelError)]
-
-
-def relative_path(path: str, root: Path | None = None) -> tuple[str, bool]:
-    """``path`` in POSIX form relative to ``root`` (default: the working directory), and
-    whether it lies beneath it; outside it, the absolute path. A relative ``path`` is taken
-    relative to the working directory, as ``audit.display_path`` wrote it."""
-    absolute = Path(path).absolute()
-    base = (root or Path.cwd()).absolute()
-    try:
-        return absolute.relative_to(base).as_posix(), True
-    except ValueError:
-        return absolute.as_posix(), False
 
 
 def tensor_names(result: AuditResult) -> set[str]:

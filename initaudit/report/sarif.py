@@ -17,13 +17,13 @@ from typing import Any
 from urllib.parse import quote
 
 from initaudit import __version__
+from initaudit.audit import relative_path
 from initaudit.report.common import (
     Entry,
     audits,
     blocking,
     errors,
     location_kind,
-    relative_path,
     tensor_names,
 )
 from initaudit.report.json_report import json_ready
